@@ -1,0 +1,24 @@
+"""keras_resnet: the ResNet family for Keras 3, with data, training and export."""
+
+from keras_resnet.model import (
+    MODELS,
+    RESNET_SPECS,
+    basic_block,
+    bottleneck_block,
+    build_model,
+    build_resnet,
+    build_resnet18,
+    build_resnet34,
+    build_resnet50,
+    build_resnet101,
+    build_resnet152,
+    resnet_stem,
+    stage,
+)
+
+__version__ = "0.1.0"
+__all__ = [
+    "MODELS", "RESNET_SPECS", "basic_block", "bottleneck_block", "build_model",
+    "build_resnet", "build_resnet18", "build_resnet34", "build_resnet50",
+    "build_resnet101", "build_resnet152", "resnet_stem", "stage",
+]

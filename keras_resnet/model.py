@@ -1,0 +1,348 @@
+"""ResNet family as Keras 3 functional-API builders.
+
+Blocks, stages and stems are plain functions ``tensor -> tensor``; a network is
+stem + stages + head wired by :func:`build_resnet`. The computation matches
+torchvision's ``resnet.py`` exactly (symmetric zero padding, BatchNorm epsilon
+1e-5 / momentum 0.9, no conv bias before a BatchNorm, stride in the 3x3 conv of
+the bottleneck = "v1.5"), so weights trained with the reference load and give
+the same logits. Layer names derive from the block name
+(``stage2_block1_conv1``), so weight files map stably across versions.
+"""
+
+import os
+
+import keras
+from keras import layers
+
+# One source of truth for the depths: depth -> (block kind, blocks per stage).
+RESNET_SPECS = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
+}
+STAGE_FILTERS = (64, 128, 256, 512)
+STEMS = ("imagenet", "cifar", "deep")
+POOLINGS = (None, "avg", "max")
+
+# Match PyTorch: BatchNorm2d(eps=1e-5, momentum=0.1) == Keras momentum 0.9.
+BN_EPSILON = 1e-5
+BN_MOMENTUM = 0.9
+# torchvision initialises convs with kaiming_normal_(mode="fan_out", relu).
+CONV_INIT = keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal")
+
+
+def conv_bn(x, filters, kernel_size, stride=1, *, name, index="", groups=1,
+            bn=True, relu=True, zero_gamma=False):
+    """Conv (PyTorch padding ``k // 2``) -> BatchNorm -> optional ReLU.
+
+    Layers are named ``{name}_conv{index}``, ``{name}_bn{index}``, ... TF's
+    ``padding="same"`` pads stride-2 convs asymmetrically (all on the
+    bottom/right), which shifts every window against PyTorch; explicit
+    symmetric ``ZeroPadding2D`` + ``"valid"`` reproduces the reference. For
+    stride 1 and an odd kernel, ``"same"`` already is symmetric.
+    """
+    pad = kernel_size // 2
+    padding = "same"
+    if stride > 1 and pad:
+        x = layers.ZeroPadding2D(pad, name=f"{name}_pad{index}")(x)
+        padding = "valid"
+    x = layers.Conv2D(filters, kernel_size, strides=stride, padding=padding,
+                      groups=groups, use_bias=False, kernel_initializer=CONV_INIT,
+                      name=f"{name}_conv{index}")(x)
+    if bn:
+        x = batch_norm(x, name=f"{name}_bn{index}", zero_gamma=zero_gamma)
+    if relu:
+        x = layers.ReLU(name=f"{name}_relu{index}")(x)
+    return x
+
+
+def batch_norm(x, *, name, zero_gamma=False):
+    """BatchNorm with the reference epsilon and momentum."""
+    return layers.BatchNormalization(
+        epsilon=BN_EPSILON, momentum=BN_MOMENTUM,
+        gamma_initializer="zeros" if zero_gamma else "ones", name=name)(x)
+
+
+def shortcut(x, filters, stride, *, name, avg_down=False, preact=False):
+    """Projection shortcut: 1x1 conv (+BN); ResNet-D average-pools first."""
+    if avg_down and stride > 1:
+        # ResNet-D: AvgPool(2, ceil_mode, count_include_pad=False) then 1x1/1.
+        # Keras "same" average pooling excludes padding from the mean.
+        x = layers.AveragePooling2D(stride, strides=stride, padding="same",
+                                    name=f"{name}_down_pool")(x)
+        stride = 1
+    return conv_bn(x, filters, 1, stride, name=f"{name}_down", relu=False,
+                   bn=not preact)
+
+
+def basic_block(x, filters, stride=1, *, name, preact=False, avg_down=False,
+                zero_init_residual=False, **_):
+    """Two 3x3 convs with an identity or projection shortcut (ResNet-18/34).
+
+    Args:
+        filters: output channels of both convs.
+        stride: stride of the first 3x3 conv (and of the shortcut).
+        preact: pre-activation (v2) form: BN-ReLU before each conv, no
+            activation after the addition.
+        zero_init_residual: start the last BN gamma at 0 (v1 only), so the
+            block starts as identity.
+    """
+    return _residual(x, [(filters, 3, stride), (filters, 3, 1)], filters, stride,
+                     name=name, preact=preact, avg_down=avg_down,
+                     zero_init_residual=zero_init_residual)
+
+
+def bottleneck_block(x, filters, stride=1, *, name, preact=False, avg_down=False,
+                     zero_init_residual=False, cardinality=1, base_width=64):
+    """1x1 reduce -> 3x3 (strided, grouped) -> 1x1 expand x4 (ResNet-50+).
+
+    The stride sits in the 3x3 conv (ResNet v1.5, as torchvision). The inner
+    width is ``int(filters * base_width / 64) * cardinality``: ResNeXt sets
+    ``cardinality`` (groups of the 3x3 conv), Wide ResNet doubles
+    ``base_width``.
+    """
+    width = int(filters * base_width / 64) * cardinality
+    convs = [(width, 1, 1), (width, 3, stride, cardinality), (filters * 4, 1, 1)]
+    return _residual(x, convs, filters * 4, stride, name=name, preact=preact,
+                     avg_down=avg_down, zero_init_residual=zero_init_residual)
+
+
+def _residual(x, convs, out_filters, stride, *, name, preact, avg_down,
+              zero_init_residual):
+    """Shared body of both blocks: ``convs`` on one path, shortcut on the other."""
+    needs_projection = stride != 1 or x.shape[-1] != out_filters
+    if preact:
+        x = batch_norm(x, name=f"{name}_preact_bn")
+        x = layers.ReLU(name=f"{name}_preact_relu")(x)
+    skip = (shortcut(x, out_filters, stride, name=name, avg_down=avg_down,
+                     preact=preact) if needs_projection else x)
+    y = x
+    for i, (filters, kernel, conv_stride, *groups) in enumerate(convs, start=1):
+        last = i == len(convs)
+        if preact and i > 1:
+            y = batch_norm(y, name=f"{name}_bn{i - 1}")
+            y = layers.ReLU(name=f"{name}_relu{i - 1}")(y)
+        y = conv_bn(y, filters, kernel, conv_stride, name=name, index=i,
+                    groups=groups[0] if groups else 1, bn=not preact,
+                    relu=not (last or preact), zero_gamma=last and zero_init_residual)
+    y = layers.Add(name=f"{name}_add")([skip, y])
+    if not preact:
+        y = layers.ReLU(name=f"{name}_out")(y)
+    return y
+
+
+def stage(x, block, filters, blocks, stride, *, name, **block_options):
+    """Repeat ``block``; the first one carries the stride and the projection."""
+    for b in range(1, blocks + 1):
+        x = block(x, filters, stride if b == 1 else 1, name=f"{name}_block{b}",
+                  **block_options)
+    return x
+
+
+def resnet_stem(x, kind="imagenet", *, width=64, name="stem"):
+    """The layers before the first stage.
+
+    - ``"imagenet"``: 7x7/2 conv, 3x3/2 max-pool (ResNet paper, torchvision).
+    - ``"cifar"``: one 3x3/1 conv, no pool (32x32 inputs keep their resolution).
+    - ``"deep"``: three 3x3 convs (width/2, width/2, width), the first strided,
+      then the 3x3/2 max-pool (ResNet-C, as timm's ``resnet*d``).
+    """
+    if kind == "cifar":
+        return conv_bn(x, width, 3, 1, name=name, index=1)
+    if kind == "imagenet":
+        x = conv_bn(x, width, 7, 2, name=name, index=1)
+    else:
+        x = conv_bn(x, width // 2, 3, 2, name=name, index=1)
+        x = conv_bn(x, width // 2, 3, 1, name=name, index=2)
+        x = conv_bn(x, width, 3, 1, name=name, index=3)
+    # Zero padding equals PyTorch's -inf padding here: the input is post-ReLU.
+    x = layers.ZeroPadding2D(1, name=f"{name}_pool_pad")(x)
+    return layers.MaxPooling2D(3, strides=2, name=f"{name}_pool")(x)
+
+
+def build_resnet(depth=18, *, include_top=True, weights=None, input_tensor=None,
+                 input_shape=None, pooling=None, classes=1000,
+                 classifier_activation="softmax", name=None, stem="imagenet",
+                 preact=False, zero_init_residual=False, avg_down=False,
+                 cardinality=1, base_width=64, width_multiplier=1.0):
+    """Build a ResNet of the given depth (18, 34, 50, 101, 152).
+
+    Arguments follow ``keras.applications.ResNet50``: ``include_top``,
+    ``weights`` (None or the path of a ``.weights.h5`` / ``.keras`` file),
+    ``input_tensor``, ``input_shape``, ``pooling`` (None, "avg", "max", used
+    when ``include_top=False``), ``classes``, ``classifier_activation``
+    (None gives logits), ``name``. Variants:
+
+    Args:
+        stem: "imagenet" (7x7/2 + pool), "cifar" (3x3/1) or "deep" (ResNet-C).
+        preact: pre-activation blocks (ResNet v2).
+        zero_init_residual: last BN gamma of each block starts at 0.
+        avg_down: ResNet-D shortcut (average-pool, then 1x1/1 conv).
+        cardinality, base_width: ResNeXt grouped 3x3 (e.g. 32, 4); bottleneck only.
+        width_multiplier: Wide ResNet; scales the bottleneck's inner width
+            (torchvision ``wide_resnet50_2`` is 2) or every basic-block conv.
+
+    Returns:
+        A functional ``keras.Model``.
+    """
+    _validate(depth, stem, pooling, classes, input_shape, weights,
+              cardinality, base_width, width_multiplier)
+    kind, blocks = RESNET_SPECS[depth]
+    if input_shape is None and input_tensor is None:
+        input_shape = (32, 32, 3) if stem == "cifar" else (224, 224, 3)
+    if input_tensor is None:
+        inputs = layers.Input(shape=tuple(input_shape), name="image")
+    elif keras.utils.is_keras_tensor(input_tensor):
+        inputs = input_tensor
+    else:
+        inputs = layers.Input(tensor=input_tensor, name="image")
+
+    if kind == "basic":
+        block, options = basic_block, {}
+        filters = [int(f * width_multiplier) for f in STAGE_FILTERS]
+    else:
+        block = bottleneck_block
+        options = {"cardinality": cardinality,
+                   "base_width": int(base_width * width_multiplier)}
+        filters = list(STAGE_FILTERS)
+
+    x = resnet_stem(inputs, stem)
+    for i, (f, n) in enumerate(zip(filters, blocks), start=1):
+        x = stage(x, block, f, n, 1 if i == 1 else 2, name=f"stage{i}",
+                  preact=preact, avg_down=avg_down,
+                  zero_init_residual=zero_init_residual and not preact, **options)
+    if preact:
+        x = batch_norm(x, name="post_bn")
+        x = layers.ReLU(name="post_relu")(x)
+
+    if include_top:
+        x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+        # float32 head: stable logits / softmax under a mixed-precision policy.
+        x = layers.Dense(classes, activation=classifier_activation, dtype="float32",
+                         name="predictions")(x)
+    elif pooling == "avg":
+        x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    elif pooling == "max":
+        x = layers.GlobalMaxPooling2D(name="max_pool")(x)
+
+    if input_tensor is not None:
+        inputs = keras.utils.get_source_inputs(input_tensor)
+    model = keras.Model(inputs, x, name=name or _default_name(
+        depth, stem, preact, avg_down, cardinality, base_width, width_multiplier))
+    if weights is not None:
+        load_weights(model, weights)
+    return model
+
+
+def _default_name(depth, stem, preact, avg_down, cardinality, base_width,
+                  width_multiplier):
+    if cardinality > 1:
+        base = f"resnext{depth}_{cardinality}x{base_width}d"
+    elif width_multiplier != 1:
+        base = f"wide_resnet{depth}_{width_multiplier:g}"
+    else:
+        base = f"resnet{depth}"
+    if preact:
+        base = "preact_" + base
+    if stem == "deep" and avg_down:
+        base += "d"
+    elif stem != "imagenet":
+        base += f"_{stem}"
+    return base
+
+
+def load_weights(model, path):
+    """Load a weights file into ``model``; a mismatch is a ``ValueError``."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"weights: file not found: {path!r} (pass None or the "
+                         "path of a .weights.h5 or .keras file)")
+    if not path.endswith((".weights.h5", ".keras")):
+        raise ValueError(f"weights: {path!r} must end in .weights.h5 or .keras")
+    try:
+        model.load_weights(path)
+    except Exception as e:  # Keras raises several types for a mismatch.
+        raise ValueError(f"weights: {path!r} does not fit the architecture of "
+                         f"{model.name!r}: {e}") from None
+
+
+def _validate(depth, stem, pooling, classes, input_shape, weights,
+              cardinality, base_width, width_multiplier):
+    if depth not in RESNET_SPECS:
+        raise ValueError(f"depth: got {depth!r}; allowed: {sorted(RESNET_SPECS)}")
+    if stem not in STEMS:
+        raise ValueError(f"stem: got {stem!r}; allowed: {list(STEMS)}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling: got {pooling!r}; allowed: None, 'avg', 'max'")
+    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
+        raise ValueError(f"classes: got {classes!r}; must be an integer >= 1")
+    if input_shape is not None:
+        shape = tuple(input_shape)
+        if len(shape) != 3 or any(s is not None and (not isinstance(s, int) or s < 1)
+                                  for s in shape):
+            raise ValueError(f"input_shape: got {input_shape!r}; must be "
+                             "(height, width, channels) with sizes >= 1 or None")
+        min_size = 1 if stem == "cifar" else 32
+        if any(s is not None and s < min_size for s in shape[:2]):
+            raise ValueError(f"input_shape: got {input_shape!r}; the {stem!r} "
+                             f"stem needs height and width >= {min_size}")
+    if weights is not None and not isinstance(weights, (str, os.PathLike)):
+        raise ValueError(f"weights: got {weights!r}; pass None or a file path")
+    if RESNET_SPECS[depth][0] == "basic" and (cardinality != 1 or base_width != 64):
+        raise ValueError("cardinality / base_width: basic blocks (depth 18, 34) "
+                         "support only cardinality=1 and base_width=64")
+    if not isinstance(cardinality, int) or cardinality < 1:
+        raise ValueError(f"cardinality: got {cardinality!r}; must be an integer >= 1")
+    if not base_width > 0 or not width_multiplier > 0:
+        raise ValueError("base_width and width_multiplier must be > 0")
+
+
+def build_resnet18(**kwargs):
+    """ResNet-18 (basic blocks, [2, 2, 2, 2]); 11,689,512 params on ImageNet."""
+    return build_resnet(18, **kwargs)
+
+
+def build_resnet34(**kwargs):
+    """ResNet-34 (basic blocks, [3, 4, 6, 3])."""
+    return build_resnet(34, **kwargs)
+
+
+def build_resnet50(**kwargs):
+    """ResNet-50 (bottleneck v1.5, [3, 4, 6, 3])."""
+    return build_resnet(50, **kwargs)
+
+
+def build_resnet101(**kwargs):
+    """ResNet-101 (bottleneck v1.5, [3, 4, 23, 3])."""
+    return build_resnet(101, **kwargs)
+
+
+def build_resnet152(**kwargs):
+    """ResNet-152 (bottleneck v1.5, [3, 8, 36, 3])."""
+    return build_resnet(152, **kwargs)
+
+
+# Named variants: one line of builder options each (used by the CLIs).
+MODELS = {
+    "resnet18": dict(depth=18),
+    "resnet34": dict(depth=34),
+    "resnet50": dict(depth=50),
+    "resnet101": dict(depth=101),
+    "resnet152": dict(depth=152),
+    "resnet18d": dict(depth=18, stem="deep", avg_down=True),
+    "resnet50d": dict(depth=50, stem="deep", avg_down=True),
+    "preact_resnet18": dict(depth=18, preact=True),
+    "resnext50_32x4d": dict(depth=50, cardinality=32, base_width=4),
+    "resnext101_32x8d": dict(depth=101, cardinality=32, base_width=8),
+    "wide_resnet50_2": dict(depth=50, width_multiplier=2),
+}
+
+
+def build_model(name, **kwargs):
+    """Build a named variant of ``MODELS``; ``kwargs`` override its options."""
+    if name not in MODELS:
+        raise ValueError(f"model: got {name!r}; allowed: {', '.join(MODELS)}")
+    options = {**MODELS[name], **kwargs}
+    return build_resnet(options.pop("depth"), **options)

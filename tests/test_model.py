@@ -1,0 +1,180 @@
+import numpy as np
+import pytest
+
+import keras_resnet as kr
+from keras_resnet.torch_weights import load_torch_state_dict
+
+
+def trainable_count(model):
+    return sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+
+
+@pytest.mark.parametrize("depth, expected", [
+    (18, 11_689_512), (34, 21_797_672), (50, 25_557_032),
+    (101, 44_549_160), (152, 60_192_808)])
+def test_imagenet_parameter_counts_equal_torchvision(depth, expected):
+    model = kr.build_resnet(depth, classes=1000, stem="imagenet")
+    assert trainable_count(model) == expected
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("resnext50_32x4d", 25_028_904),   # torchvision
+    ("wide_resnet50_2", 68_883_240),   # torchvision
+    ("resnet50d", 25_576_264),         # timm
+    ("resnet18d", 11_708_744),         # timm
+])
+def test_variant_parameter_counts(name, expected):
+    assert trainable_count(kr.build_model(name)) == expected
+
+
+def test_cifar_resnet18_count_and_shapes():
+    model = kr.build_resnet18(input_shape=(32, 32, 3), classes=10, stem="cifar")
+    assert trainable_count(model) == 11_173_962
+    assert model.output.shape == (None, 10)
+    shapes = {i: model.get_layer(f"stage{i}_block2_out").output.shape for i in range(1, 5)}
+    assert shapes == {1: (None, 32, 32, 64), 2: (None, 16, 16, 128),
+                      3: (None, 8, 8, 256), 4: (None, 4, 4, 512)}
+
+
+def test_documented_calls():
+    assert kr.build_resnet18().output.shape == (None, 1000)
+    m = kr.build_resnet18(input_shape=(224, 224, 3), classes=1000, stem="imagenet",
+                          classifier_activation=None)
+    assert m.get_layer("predictions").activation.__name__ == "linear"
+    m = kr.build_resnet50(include_top=False, pooling="avg", input_shape=(224, 224, 3))
+    assert m.output.shape == (None, 2048)
+    m = kr.build_resnet18(include_top=False, input_shape=(64, 64, 3))
+    assert m.output.shape == (None, 2, 2, 512)
+    m = kr.build_resnet18(include_top=False, pooling="max", input_shape=(64, 64, 3))
+    assert m.output.shape == (None, 512) and m.layers[-1].name == "max_pool"
+
+
+def test_input_tensor():
+    import keras
+    inp = keras.Input((48, 48, 3))
+    m = kr.build_resnet18(input_tensor=inp, classes=5, stem="cifar")
+    assert m.inputs[0] is inp and m.output.shape == (None, 5)
+
+
+def test_layer_names_are_stable():
+    model = kr.build_resnet18(input_shape=(32, 32, 3), classes=10)
+    names = [layer.name for layer in model.layers]
+    assert len(names) == len(set(names))
+    assert names[:8] == ["image", "stem_pad1", "stem_conv1", "stem_bn1", "stem_relu1",
+                         "stem_pool_pad", "stem_pool", "stage1_block1_conv1"]
+    for n in ["stage2_block1_pad1", "stage2_block1_conv1", "stage2_block1_bn2",
+              "stage2_block1_down_conv", "stage2_block1_down_bn", "stage2_block1_add",
+              "stage4_block2_out", "avg_pool", "predictions"]:
+        assert n in names
+    assert len([n for n in names if n.endswith("_add")]) == 8
+
+
+def test_bn_settings_and_no_conv_bias():
+    model = kr.build_resnet50(input_shape=(64, 64, 3))
+    bns = [la for la in model.layers if la.__class__.__name__ == "BatchNormalization"]
+    convs = [la for la in model.layers if la.__class__.__name__ == "Conv2D"]
+    assert {(b.epsilon, b.momentum) for b in bns} == {(1e-5, 0.9)}
+    assert len(convs) == 53 and not any(c.use_bias for c in convs)
+
+
+def test_zero_init_residual():
+    m = kr.build_resnet18(input_shape=(32, 32, 3), zero_init_residual=True)
+    assert np.all(m.get_layer("stage1_block1_bn2").gamma.numpy() == 0)
+    assert np.all(m.get_layer("stage1_block1_bn1").gamma.numpy() == 1)
+    m = kr.build_resnet50(input_shape=(64, 64, 3), zero_init_residual=True)
+    assert np.all(m.get_layer("stage3_block2_bn3").gamma.numpy() == 0)
+
+
+def test_variants_structure():
+    d = kr.build_model("resnet18d", input_shape=(64, 64, 3))
+    names = {la.name for la in d.layers}
+    assert {"stem_conv1", "stem_conv2", "stem_conv3", "stage2_block1_down_pool"} <= names
+    assert d.get_layer("stem_conv1").filters == 32
+    assert d.get_layer("stage2_block1_down_conv").strides == (1, 1)
+    x = kr.build_model("resnext50_32x4d", input_shape=(64, 64, 3))
+    assert x.get_layer("stage1_block1_conv2").groups == 32
+    assert x.get_layer("stage1_block1_conv2").filters == 128
+    p = kr.build_model("preact_resnet18", input_shape=(32, 32, 3), stem="cifar")
+    names = [la.name for la in p.layers]
+    assert "post_bn" in names and "stage1_block1_preact_bn" in names
+    assert "stage1_block1_out" not in names
+    w = kr.build_resnet18(input_shape=(32, 32, 3), width_multiplier=2, stem="cifar",
+                          classes=10)
+    assert w.get_layer("stage4_block2_conv2").filters == 1024
+
+
+@pytest.mark.parametrize("name", ["resnet18d", "preact_resnet18", "resnext50_32x4d"])
+def test_variants_forward(name):
+    model = kr.build_model(name, input_shape=(32, 32, 3), stem="cifar", classes=7)
+    out = model(np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype("float32"))
+    assert out.shape == (2, 7)
+    np.testing.assert_allclose(np.sum(np.asarray(out), axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(depth=19), "depth"),
+    (dict(stem="tiny"), "stem"),
+    (dict(classes=0), "classes"),
+    (dict(pooling="mean", include_top=False), "pooling"),
+    (dict(input_shape=(32, 32)), "input_shape"),
+    (dict(input_shape=(0, 32, 3)), "input_shape"),
+    (dict(input_shape=(16, 16, 3), stem="imagenet"), "input_shape"),
+    (dict(weights="/no/such/file.weights.h5"), "weights"),
+    (dict(cardinality=32), "cardinality"),
+])
+def test_bad_arguments(kwargs, match):
+    kwargs = {"depth": 18, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        kr.build_resnet(kwargs.pop("depth"), **kwargs)
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="model: got 'resnet17'"):
+        kr.build_model("resnet17")
+
+
+def test_keras_save_load_and_weights(tmp_path):
+    import keras
+    model = kr.build_resnet18(input_shape=(32, 32, 3), classes=10, stem="cifar")
+    x = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype("float32")
+    path = tmp_path / "m.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_array_equal(model.predict(x, verbose=0), loaded.predict(x, verbose=0))
+    clone = keras.Model.from_config(model.get_config())
+    clone.set_weights(model.get_weights())
+    np.testing.assert_array_equal(model.predict(x, verbose=0), clone.predict(x, verbose=0))
+    wpath = tmp_path / "m.weights.h5"
+    model.save_weights(wpath)
+    again = kr.build_resnet18(input_shape=(32, 32, 3), classes=10, stem="cifar",
+                              weights=str(wpath))
+    np.testing.assert_array_equal(model.predict(x, verbose=0), again.predict(x, verbose=0))
+    with pytest.raises(ValueError, match="does not fit"):
+        kr.build_resnet18(input_shape=(32, 32, 3), classes=100, stem="cifar",
+                          weights=str(wpath))
+
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.mark.parametrize("depth, size, cifar", [(18, 64, False), (50, 64, False),
+                                                (18, 32, True), (34, 37, False)])
+def test_reference_weights_give_reference_logits(depth, size, cifar):
+    """torchvision-layout weights load and give the same logits (eval mode)."""
+    from torch_reference import BasicBlock, Bottleneck, ResNet, randomize_bn_statistics
+
+    kind, blocks = kr.RESNET_SPECS[depth]
+    torch.manual_seed(depth)
+    ref = ResNet(BasicBlock if kind == "basic" else Bottleneck, blocks, num_classes=10,
+                 cifar_stem=cifar)
+    ref = randomize_bn_statistics(ref).eval()
+    model = kr.build_resnet(depth, input_shape=(size, size, 3), classes=10,
+                            stem="cifar" if cifar else "imagenet",
+                            classifier_activation=None)
+    load_torch_state_dict(model, {k: v.numpy() for k, v in ref.state_dict().items()})
+    x = np.random.default_rng(depth).normal(size=(2, size, size, 3)).astype("float32")
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+    got = np.asarray(model(x, training=False))
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+    assert np.std(expected) > 0.1  # the comparison is not between near-zero outputs
