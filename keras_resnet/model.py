@@ -263,7 +263,7 @@ def load_weights(model, path):
         raise ValueError(f"weights: {path!r} must end in .weights.h5 or .keras")
     try:
         model.load_weights(path)
-    except Exception as e:  # Keras raises several types for a mismatch.
+    except (ValueError, OSError, KeyError, TypeError) as e:  # Keras raises several types.
         raise ValueError(f"weights: {path!r} does not fit the architecture of "
                          f"{model.name!r}: {e}") from None
 
@@ -326,17 +326,17 @@ def build_resnet152(**kwargs):
 
 # Named variants: one line of builder options each (used by the CLIs).
 MODELS = {
-    "resnet18": dict(depth=18),
-    "resnet34": dict(depth=34),
-    "resnet50": dict(depth=50),
-    "resnet101": dict(depth=101),
-    "resnet152": dict(depth=152),
-    "resnet18d": dict(depth=18, stem="deep", avg_down=True),
-    "resnet50d": dict(depth=50, stem="deep", avg_down=True),
-    "preact_resnet18": dict(depth=18, preact=True),
-    "resnext50_32x4d": dict(depth=50, cardinality=32, base_width=4),
-    "resnext101_32x8d": dict(depth=101, cardinality=32, base_width=8),
-    "wide_resnet50_2": dict(depth=50, width_multiplier=2),
+    "resnet18": {"depth": 18},
+    "resnet34": {"depth": 34},
+    "resnet50": {"depth": 50},
+    "resnet101": {"depth": 101},
+    "resnet152": {"depth": 152},
+    "resnet18d": {"depth": 18, "stem": "deep", "avg_down": True},
+    "resnet50d": {"depth": 50, "stem": "deep", "avg_down": True},
+    "preact_resnet18": {"depth": 18, "preact": True},
+    "resnext50_32x4d": {"depth": 50, "cardinality": 32, "base_width": 4},
+    "resnext101_32x8d": {"depth": 101, "cardinality": 32, "base_width": 8},
+    "wide_resnet50_2": {"depth": 50, "width_multiplier": 2},
 }
 
 

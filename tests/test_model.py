@@ -112,15 +112,15 @@ def test_variants_forward(name):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(depth=19), "depth"),
-    (dict(stem="tiny"), "stem"),
-    (dict(classes=0), "classes"),
-    (dict(pooling="mean", include_top=False), "pooling"),
-    (dict(input_shape=(32, 32)), "input_shape"),
-    (dict(input_shape=(0, 32, 3)), "input_shape"),
-    (dict(input_shape=(16, 16, 3), stem="imagenet"), "input_shape"),
-    (dict(weights="/no/such/file.weights.h5"), "weights"),
-    (dict(cardinality=32), "cardinality"),
+    ({"depth": 19}, "depth"),
+    ({"stem": "tiny"}, "stem"),
+    ({"classes": 0}, "classes"),
+    ({"pooling": "mean", "include_top": False}, "pooling"),
+    ({"input_shape": (32, 32)}, "input_shape"),
+    ({"input_shape": (0, 32, 3)}, "input_shape"),
+    ({"input_shape": (16, 16, 3), "stem": "imagenet"}, "input_shape"),
+    ({"weights": "/no/such/file.weights.h5"}, "weights"),
+    ({"cardinality": 32}, "cardinality"),
 ])
 def test_bad_arguments(kwargs, match):
     kwargs = {"depth": 18, **kwargs}

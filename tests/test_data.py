@@ -1,0 +1,175 @@
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from keras_resnet import data as D
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10-jpeg")
+
+
+def write_folder(root, per_class=6, size=16, classes=("cat", "dog", "eel")):
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in classes:
+            os.makedirs(root / split / c, exist_ok=True)
+            for i in range(per_class):
+                arr = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(root / split / c / f"{i}.{'png' if i % 2 else 'jpg'}")
+    return root
+
+
+@pytest.fixture
+def messy_folder(tmp_path):
+    root = write_folder(tmp_path)
+    train = root / "train"
+    Image.fromarray(np.full((16, 16), 7, np.uint8)).save(train / "cat" / "gray.png")
+    Image.fromarray(np.full((16, 16, 4), 9, np.uint8)).save(train / "dog" / "rgba.png")
+    Image.fromarray(np.full((40, 24, 3), 200, np.uint8)).save(train / "eel" / "big.jpg")
+    (train / "cat" / "notes.txt").write_text("not an image")
+    (train / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
+    os.makedirs(train / "fox")  # an empty class folder
+    return root
+
+
+def test_image_folder_converts_and_skips(messy_folder):
+    s = D.load_splits(image_folder=str(messy_folder), validation_size=4)
+    assert s.class_names == ["cat", "dog", "eel", "fox"]
+    rep = s.report["train"]
+    assert rep["skipped_unreadable"] == 2
+    assert rep["converted_mode"] == 2
+    assert rep["empty_class_folders"] == ["fox"]
+    assert rep["sizes"] == {"16x16": 20, "40x24": 1}
+    assert s.image_size == (16, 16)
+    assert (s.num_train, s.num_validation, s.num_test) == (17, 4, 18)
+    images = [(x.numpy(), int(y)) for x, y in s.train.concatenate(s.validation)]
+    assert len(images) == 21 and all(x.shape == (16, 16, 3) and x.dtype == np.uint8
+                                     for x, _ in images)
+    assert any(np.all(x == 7) for x, _ in images)  # grayscale -> 3 equal channels
+    assert any(np.all(x == 200) for x, _ in images)  # resized, not cropped
+
+
+def test_validation_folder_is_used_when_present(tmp_path):
+    root = write_folder(tmp_path, per_class=2)
+    os.rename(root / "test", root / "val")
+    s = D.load_splits(image_folder=str(root))
+    assert (s.num_train, s.num_validation, s.num_test) == (6, 6, 0)
+
+
+def test_channel_stats_match_numpy(tmp_path):
+    root = write_folder(tmp_path, per_class=3)
+    s = D.load_splits(image_folder=str(root), validation_size=0)
+    arr = np.stack([x.numpy() for x, _ in s.train]).astype(np.float64)
+    np.testing.assert_allclose(s.mean, arr.mean((0, 1, 2)), atol=1e-3)
+    np.testing.assert_allclose(s.std, arr.std((0, 1, 2)), atol=1e-3)
+
+
+def test_missing_folder_and_split(tmp_path):
+    with pytest.raises(D.DataError, match="image folder not found: .*nope"):
+        D.load_splits(image_folder=str(tmp_path / "nope"))
+    os.makedirs(tmp_path / "x" / "test" / "a")
+    with pytest.raises(D.DataError, match="split not found: .*train"):
+        D.load_splits(image_folder=str(tmp_path / "x"))
+
+
+def test_tfds_not_prepared_gives_clear_error(tmp_path):
+    with pytest.raises(D.DataError, match="'cifar10' is not prepared in .*image folder"):
+        D.load_splits("cifar10", data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="dataset: got 'mnist'"):
+        D.load_splits("mnist", data_dir=str(tmp_path))
+
+
+def test_tfds_cifar10_mock(tmp_path):
+    with tfds.testing.mock_data(num_examples=40):
+        s = D.load_splits("cifar10", data_dir=str(tmp_path), validation_size=10)
+        assert s.class_names[3] == "cat" and s.mean == D.KNOWN_STATS["cifar10"][0]
+        batch = next(iter(D.make_train_dataset(s.train, 8, 10, seed=0)))
+    assert batch[0].shape == (8, 32, 32, 3) and batch[1].shape == (8, 10)
+    assert batch[0].dtype == tf.float32
+
+
+def batches(ds, n=3):
+    return [(x.numpy(), y.numpy()) for x, y in ds.take(n)]
+
+
+def toy_dataset(n=64, size=16, classes=4):
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    return tf.data.Dataset.from_tensor_slices((x, (np.arange(n) % classes).astype("int32")))
+
+
+ALL_ON = D.AugmentConfig(rotation=15, color_jitter=0.3, erasing=0.5, mixup=0.4,
+                         randaugment=2)
+
+
+def test_same_seed_same_batches_over_two_epochs():
+    def run(seed):
+        ds = D.make_train_dataset(toy_dataset(), 16, 4, augment=ALL_ON, seed=seed)
+        return batches(ds, 4) + batches(ds, 4)  # two epochs of one dataset
+    a, b, c = run(5), run(5), run(6)
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+    assert not np.array_equal(a[0][0], c[0][0])
+    assert not np.array_equal(a[0][0], a[4][0])  # a new epoch draws anew
+
+
+def test_crop_flip_draws_per_image():
+    one = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    ds = tf.data.Dataset.from_tensor_slices((np.stack([one] * 32), np.zeros(32, "int32")))
+    x, _ = next(iter(D.make_train_dataset(ds, 32, 2, seed=1)))
+    x = x.numpy()
+    distinct = {x[i].tobytes() for i in range(32)}
+    assert len(distinct) >= 10  # one crop window per batch would give 2 (flip only)
+    # pad-4 crop = integer shift with zero fill: every output pixel is a pixel of the
+    # input or zero
+    assert set(np.unique(x)) <= set(np.unique(one)) | {0}
+    assert np.all(x[:, 4:12, 4:12] == x[:, 4:12, 4:12].round())
+
+
+def test_mixup_gives_soft_labels_that_sum_to_one():
+    ds = D.make_train_dataset(toy_dataset(), 16, 4, augment=D.AugmentConfig(mixup=1.0))
+    _, y = next(iter(ds))
+    np.testing.assert_allclose(y.numpy().sum(1), 1.0, rtol=1e-5)
+    assert np.mean((y.numpy() > 0) & (y.numpy() < 1)) > 0.2
+
+
+def test_cutmix_and_in_model():
+    _, y = next(iter(D.make_train_dataset(toy_dataset(), 16, 4,
+                                          augment=D.AugmentConfig(cutmix=1.0))))
+    np.testing.assert_allclose(y.numpy().sum(1), 1.0, rtol=1e-5)
+    in_model = D.AugmentConfig(in_model=True)
+    x, _ = next(iter(D.make_train_dataset(toy_dataset(), 64, 4, augment=in_model, seed=0,
+                                          shuffle_buffer=1)))
+    raw = np.stack([a.numpy() for a, _ in toy_dataset()])
+    np.testing.assert_array_equal(x.numpy(), raw)  # left for the model to augment
+    aug = D.build_augmenter(in_model, (16, 16), seed=0)
+    assert [la.name for la in aug.layers] == ["aug_crop", "aug_flip"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"erasing": 1.5}, "erasing"), ({"rotation": -1}, "rotation"),
+    ({"mixup": 0.2, "cutmix": 0.2}, "exclusive")])
+def test_bad_augment_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        D.AugmentConfig(**kwargs)
+
+
+def test_bad_batch_size():
+    with pytest.raises(ValueError, match="batch_size: got 0"):
+        D.make_train_dataset(toy_dataset(), 0, 4)
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED), reason="shared CIFAR-10 JPEG copy not present")
+def test_real_cifar10_jpeg_folder():
+    s = D.load_splits(image_folder=SHARED, max_train_images=300, max_eval_images=100,
+                      validation_size=50)
+    assert s.class_names[0] == "airplane" and s.class_names[9] == "truck"
+    assert (s.num_train, s.num_validation, s.num_test) == (250, 50, 100)
+    assert s.image_size == (32, 32) and s.report["train"]["skipped_unreadable"] == 0
+    np.testing.assert_allclose(s.mean, (125.3, 122.9, 113.9), atol=8)
+    labels = [int(y) for _, y in s.test]
+    assert set(labels) <= set(range(10)) and len(set(labels)) > 5
