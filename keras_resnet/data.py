@@ -327,20 +327,24 @@ def build_augmenter(config, image_size, seed=None):
     if config.crop_flip:
         aug += [layers.RandomTranslation(config.crop_padding / h, config.crop_padding / w,
                                          fill_mode="constant", interpolation="nearest",
-                                         seed=seed, name="aug_crop"),
-                layers.RandomFlip("horizontal", seed=seed, name="aug_flip")]
+                                         seed=seed, dtype="float32", name="aug_crop"),
+                layers.RandomFlip("horizontal", seed=seed, dtype="float32",
+                                  name="aug_flip")]
     if config.rotation:
         aug.append(layers.RandomRotation(config.rotation / 360.0, fill_mode="constant",
-                                         seed=seed, name="aug_rotation"))
+                                         seed=seed, dtype="float32", name="aug_rotation"))
     if config.color_jitter:
         s = config.color_jitter
         aug.append(layers.RandomColorJitter(value_range=(0, 255), brightness_factor=s,
                                             contrast_factor=s, saturation_factor=(0.5 - s / 2,
                                                                                   0.5 + s / 2),
-                                            seed=seed, name="aug_color_jitter"))
+                                            seed=seed, dtype="float32",
+                                            name="aug_color_jitter"))
     if config.erasing:
         aug.append(layers.RandomErasing(factor=config.erasing, scale=(0.02, 0.25),
-                                        value_range=(0, 255), seed=seed, name="aug_erasing"))
+                                        value_range=(0, 255), seed=seed, dtype="float32",
+                                        name="aug_erasing"))
+    # float32 whatever the global policy: pixel values, not activations.
     return keras.Sequential(aug, name="augment") if aug else None
 
 
@@ -361,7 +365,7 @@ def make_train_dataset(ds, batch_size, num_classes, *, augment=AugmentConfig(), 
         # batching) to give each image its own ops.
         rand_augment = keras.layers.RandAugment(
             value_range=(0, 255), num_ops=augment.randaugment,
-            factor=augment.randaugment_magnitude, seed=seed)
+            factor=augment.randaugment_magnitude, seed=seed, dtype="float32")
         ds = ds.map(lambda x, y: (tf.cast(tf.clip_by_value(rand_augment(
             tf.cast(x, tf.float32)), 0, 255), tf.uint8), y))
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
@@ -374,8 +378,9 @@ def make_train_dataset(ds, batch_size, num_classes, *, augment=AugmentConfig(), 
         # fixed call order keeps the batches reproducible.
         ds = ds.map(lambda x, y: (tf.clip_by_value(augmenter(x, training=True), 0, 255), y))
     if augment.mixup or augment.cutmix:
-        mix = (keras.layers.MixUp(alpha=augment.mixup, seed=seed) if augment.mixup
-               else keras.layers.CutMix(factor=augment.cutmix, seed=seed))
+        mix = (keras.layers.MixUp(alpha=augment.mixup, seed=seed, dtype="float32")
+               if augment.mixup else
+               keras.layers.CutMix(factor=augment.cutmix, seed=seed, dtype="float32"))
         ds = ds.map(lambda x, y: _mix(mix, x, y))
     return ds.prefetch(AUTOTUNE)
 

@@ -1,0 +1,221 @@
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+from test_data import write_folder
+
+from keras_resnet import training as T
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "train_cifar10.py")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return str(write_folder(tmp_path_factory.mktemp("data"), per_class=16, size=32))
+
+
+def run_cli(*args, timeout=300):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run([sys.executable, SCRIPT, *args], check=False, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def smoke(folder, out, **kw):
+    return T.smoke_config(data_dir=folder, output_dir=str(out), max_train_images=None,
+                          validation_size=8, **kw)
+
+
+def test_smoke_run_writes_the_run_directory(folder, tmp_path):
+    report = T.train(smoke(folder, tmp_path / "run", epochs=2, tta_flip=True))
+    files = set(os.listdir(tmp_path / "run"))
+    assert {"config.json", "best.keras", "last.keras", "history.csv", "curves.png",
+            "test_metrics.json", "confusion_matrix.png", "logs"} <= files
+    metrics = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
+    assert set(metrics) >= {"top1", "top5", "per_class"} and metrics["tta_flip"] is True
+    assert sorted(metrics["per_class"]) == ["cat", "dog", "eel"]
+    assert metrics["num_images"] == 16 and 0 <= metrics["top1"] <= metrics["top5"] == 1.0
+    assert report["top1"] == metrics["top1"]
+    history = T.read_history(str(tmp_path / "run" / "history.csv"))
+    assert history["epoch"] == [0, 1] and all(np.isfinite(history["loss"]))
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["epochs"] == 2 and config["data_dir"] == folder
+    best = keras.saving.load_model(tmp_path / "run" / "best.keras", compile=False)
+    assert best.get_layer("normalize") is not None and best.output.shape == (None, 3)
+
+
+def test_resume_after_kill_mid_epoch(folder, tmp_path):
+    out = tmp_path / "run"
+    args = ["--preset", "smoke", "--data-dir", folder, "--output-dir", str(out),
+            "--epochs", "4", "--max-train-images", "48", "--validation-size", "8",
+            "--batch-size", "4", "--schedule", "onecycle", "--warmup-epochs", "1"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.Popen([sys.executable, SCRIPT, *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    meta = out / "backup" / "training_metadata.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if meta.exists() and json.loads(meta.read_text()).get("epoch", 0) >= 1:
+            time.sleep(0.5)  # now inside epoch 2
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = json.loads(meta.read_text())["epoch"]
+    assert 1 <= done_before < 4
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(out / "history.csv") as f:
+        epochs = [int(r["epoch"]) for r in csv.DictReader(f)]
+    assert epochs == [0, 1, 2, 3]
+    last = keras.saving.load_model(out / "last.keras")
+    steps = 40 // 4
+    assert int(last.optimizer.iterations.numpy()) == 4 * steps  # schedule continued
+    assert (out / "test_metrics.json").exists()
+
+
+def test_resume_with_other_config_is_refused(folder, tmp_path):
+    out = tmp_path / "run"
+    T.train(T.smoke_config(data_dir=folder, output_dir=str(out), validation_size=8))
+    result = run_cli("--preset", "smoke", "--data-dir", folder, "--output-dir", str(out),
+                     "--validation-size", "8", "--lr", "0.5")
+    assert result.returncode == 2
+    assert "unfinished run with another config (lr: run has 0.2, asked 0.5)" in result.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "-1"], "epochs: got -1"),
+    (["--batch-size", "0"], "batch_size: got 0"),
+    (["--optimizer", "lamb"], "optimizer: got 'lamb'"),
+    (["--schedule", "linear"], "schedule: got 'linear'"),
+    (["--model", "resnet17"], "model: got 'resnet17'"),
+    (["--data-dir", "/no/such/dir"], "data_dir: '/no/such/dir' is not a directory"),
+    (["--output-dir", "/etc/hostname/run"], "output_dir: cannot write to"),
+])
+def test_bad_flags_fail_fast(flags, message, tmp_path):
+    start = time.time()
+    result = run_cli("--output-dir", str(tmp_path / "o"), *flags)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert time.time() - start < 60
+
+
+def test_help_lists_defaults():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for flag in ("--model", "--data-dir", "--epochs", "--batch-size", "--output-dir",
+                 "--seed", "--max-train-images", "--max-eval-images", "--optimizer",
+                 "--schedule", "--precision", "--strategy", "--no-crop-flip"):
+        assert flag in result.stdout
+
+
+def schedule_at(config, steps_per_epoch, lr, steps):
+    s = T.make_schedule(config, steps_per_epoch, lr)
+    return [float(s(step)) if callable(s) else s for step in steps]
+
+
+def test_schedules():
+    c = T.TrainConfig(epochs=10, warmup_epochs=1)
+    one = schedule_at(c, 100, 0.2, [0, 100, 550, 1000])
+    np.testing.assert_allclose(one, [0.2 / 25, 0.2, 0.1, 0.0], atol=1e-6)
+    cos = schedule_at(T.TrainConfig(epochs=10, warmup_epochs=1, schedule="cosine"), 100,
+                      0.1, [0, 50, 100, 1000])
+    np.testing.assert_allclose(cos, [0.0, 0.05, 0.1, 0.0], atol=1e-6)
+    step = schedule_at(T.TrainConfig(epochs=10, schedule="step"), 100, 0.1, [0, 499, 501, 751])
+    np.testing.assert_allclose(step, [0.1, 0.1, 0.01, 0.001], rtol=1e-5)
+    assert schedule_at(T.TrainConfig(schedule="constant"), 100, 0.3, [0, 999]) == [0.3, 0.3]
+
+
+def test_weight_decay_skips_bn_and_bias():
+    model = T.build_classifier(T.TrainConfig(model="resnet18"), (32, 32), 10,
+                               (0, 0, 0), (1, 1, 1))
+    T.make_optimizer(T.TrainConfig(weight_decay=1e-3), 0.1, model)
+    decayed = {v.path for v in model.trainable_weights if v.regularizer is not None}
+    assert "stem_conv1/kernel" in decayed and "predictions/kernel" in decayed
+    assert not any(p.endswith(("gamma", "beta", "bias")) for p in decayed)
+    assert len(decayed) == 21  # 20 convs + the classifier kernel
+    model2 = T.build_classifier(T.TrainConfig(), (32, 32), 10, (0, 0, 0), (1, 1, 1))
+    opt = T.make_optimizer(T.TrainConfig(optimizer="adamw", weight_decay=0.05), 0.1, model2)
+    assert opt.weight_decay == 0.05
+    assert not any(v.regularizer for v in model2.trainable_weights)
+    bn_gamma = model2.get_layer("stem_bn1").gamma
+    assert opt._use_weight_decay(bn_gamma) is False
+    assert opt._use_weight_decay(model2.get_layer("stem_conv1").kernel) is True
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "rmsprop", "adam", "adamw"])
+def test_optimizers_and_bfloat16_give_finite_loss(folder, tmp_path, optimizer):
+    precision = "bfloat16" if optimizer == "sgd" else "float32"
+    report = T.train(smoke(folder, tmp_path / optimizer, optimizer=optimizer,
+                           precision=precision, clipnorm=1.0, mixup=0.2, label_smoothing=0.1))
+    history = T.read_history(str(tmp_path / optimizer / "history.csv"))
+    assert np.isfinite(history["loss"][0]) and 0 <= report["top1"] <= 1
+    keras.mixed_precision.set_global_policy("float32")
+
+
+MULTI_DEVICE = """
+import sys, json, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from keras_resnet import training as T
+config = T.smoke_config(data_dir=sys.argv[1], output_dir=sys.argv[2], max_train_images=None,
+                        validation_size=8, strategy="mirrored", batch_size=4)
+report = T.train(config)
+import tensorflow as tf
+print("RESULT", json.dumps({"replicas": tf.distribute.MirroredStrategy().num_replicas_in_sync,
+                            "top1": report["top1"]}))
+"""
+
+
+def test_mirrored_strategy_on_two_logical_cpus(folder, tmp_path):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run([sys.executable, "-c", MULTI_DEVICE, folder, str(tmp_path / "r")],
+                            check=False, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 replica(s), global batch 8, peak lr 0.0125" in result.stdout
+    assert '"replicas": 2' in result.stdout
+    assert T.read_history(str(tmp_path / "r" / "history.csv"))["epoch"] == [0]
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+MULTI_WORKER = """
+import sys
+from keras_resnet import training as T
+config = T.smoke_config(data_dir=sys.argv[1], output_dir=sys.argv[2], max_train_images=None,
+                        validation_size=8, strategy="multiworker", batch_size=4)
+T.train(config)
+"""
+
+
+def test_multi_worker_two_local_processes(folder, tmp_path):
+    ports = [free_port(), free_port()]
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs = []
+    for index in range(2):
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TF_CONFIG": tf_config}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", MULTI_WORKER, folder, str(tmp_path / f"w{index}")],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=400) for p in procs]
+    for p, (out, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+        assert "2 replica(s), global batch 8" in out
+    h0, h1 = (T.read_history(str(tmp_path / w / "history.csv")) for w in ("w0", "w1"))
+    assert h0["epoch"] == [0] and h0 == h1  # both workers see the all-reduced metrics
