@@ -1,5 +1,10 @@
 """keras_resnet: the ResNet family for Keras 3, with data, training and export."""
 
+import os
+
+# Quiet TensorFlow's C++ start-up logging unless the user asked for it.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 from keras_resnet.model import (
     MODELS,
     RESNET_SPECS,

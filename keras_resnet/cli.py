@@ -3,8 +3,6 @@
 import argparse
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 
 def demo_main(argv=None):
     """Build a ResNet, print its summary and run one forward pass."""
@@ -87,3 +85,132 @@ def train_main(argv=None):
         _fail(str(e))
     summary = {k: v for k, v in report.items() if k != "confusion_matrix"}
     print(json.dumps(summary))
+
+
+def _uint8_images(splits_ds, limit):
+    import numpy as np
+
+    pairs = [(x.numpy(), int(y)) for x, y in splits_ds.take(limit)]
+    return (np.stack([p[0] for p in pairs]).astype("uint8"),
+            np.asarray([p[1] for p in pairs]))
+
+
+def export_main(argv=None):
+    """Export a trained model to SavedModel / TFLite and check every artifact."""
+    import json
+
+    from keras_resnet import data, export
+
+    parser = argparse.ArgumentParser(description=export_main.__doc__)
+    parser.add_argument("source", help="a .keras file or a training run directory")
+    parser.add_argument("--output-dir", help="default: saved_models/<name>")
+    parser.add_argument("--formats", help=f"comma-separated, of: {', '.join(export.FORMATS)}"
+                        "; default: all of them (all but tflite_int8 without --data-dir)")
+    parser.add_argument("--data-dir", help="image folder root/<split>/<class>/*: held-out "
+                        "images for the checks (test split) and calibration (train split)")
+    parser.add_argument("--calibration-images", type=int, default=300)
+    parser.add_argument("--check-images", type=int, default=1000)
+    parser.add_argument("--int8-io", choices=["uint8", "int8"], default="uint8",
+                        help="input / output type of the full-integer model")
+    args = parser.parse_args(argv)
+    if args.formats is None:
+        formats = [f for f in export.FORMATS if args.data_dir or f != "tflite_int8"]
+        if not args.data_dir:
+            print("note: tflite_int8 skipped: it needs --data-dir for calibration")
+    else:
+        formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    try:
+        bad = [f for f in formats if f not in export.FORMATS]
+        if bad or not formats:
+            raise ValueError(f"--formats: got {bad or args.formats!r}; allowed: "
+                             f"{', '.join(export.FORMATS)}")
+        if "tflite_int8" in formats and not args.data_dir:
+            raise ValueError("--formats tflite_int8 needs calibration images: pass "
+                             "--data-dir (an image folder with a train/ split)")
+        for name in ("calibration_images", "check_images"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')}: must be >= 1")
+        model, _model_path = export.load_source(args.source)
+        name = model.name
+        output_dir = args.output_dir or os.path.join("saved_models", name)
+        images = labels = calibration = None
+        class_names = None
+        if args.data_dir:
+            splits = data.load_splits(image_folder=args.data_dir, validation_size=0,
+                                      max_train_images=args.calibration_images,
+                                      max_eval_images=args.check_images,
+                                      image_size=export.input_size(model))
+            held_out = splits.test if splits.test is not None else splits.validation
+            if held_out is None:
+                raise ValueError(f"--data-dir: {args.data_dir!r} has no test/ or val/ split "
+                                 "for the checks")
+            images, labels = _uint8_images(held_out, args.check_images)
+            calibration, _ = _uint8_images(splits.train, args.calibration_images)
+            class_names = splits.class_names
+        report = export.export(args.source, output_dir, formats, images=images, labels=labels,
+                               calibration=calibration, int8_io=args.int8_io,
+                               class_names=class_names)
+    except ValueError as e:
+        _fail(str(e))
+    print(f"{'artifact':22} {'size MB':>8} {'max|dp|':>9} {'agree':>6} {'top1':>6} "
+          f"{'keras':>6}  target")
+    for fmt, r in report["artifacts"].items():
+        print(f"{fmt:22} {r['size_bytes'] / 1e6:8.2f} {r['max_abs_diff']:9.2e} "
+              f"{r['top1_agreement']:6.3f} {r['top1_accuracy']:6.3f} "
+              f"{r['keras_top1_accuracy']:6.3f}  {'ok' if r['passed'] else 'MISSED'}: "
+              f"{r['target']}")
+    print(f"report: {os.path.join(output_dir, 'export_report.json')}")
+    print(json.dumps({fmt: r["path"] for fmt, r in report["artifacts"].items()}))
+
+
+def predict_main(argv=None):
+    """Classify image files or folders with a .keras, SavedModel or .tflite model."""
+    import json
+
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_resnet import data, export
+
+    parser = argparse.ArgumentParser(description=predict_main.__doc__)
+    parser.add_argument("model", help=".keras file, run directory, SavedModel directory "
+                        "or .tflite file")
+    parser.add_argument("paths", nargs="+", help="image files or folders of images")
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--json", action="store_true", help="one JSON line per image")
+    args = parser.parse_args(argv)
+    try:
+        if args.top_k < 1:
+            raise ValueError(f"--top-k: got {args.top_k}; must be >= 1")
+        files = []
+        for path in args.paths:
+            if os.path.isdir(path):
+                found = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
+                               if not f.startswith("."))
+                if not found:
+                    raise ValueError(f"PATH: folder {path!r} holds no files")
+                files += found
+            elif os.path.isfile(path):
+                files.append(path)
+            else:
+                raise ValueError(f"PATH: {path!r} does not exist")
+        unreadable = [f for f, ok in zip(files, data.scan_images(files), strict=True)
+                      if ok is None]
+        if unreadable:
+            raise ValueError(f"PATH: not a readable image: {', '.join(unreadable[:5])}"
+                             + (f" and {len(unreadable) - 5} more" if len(unreadable) > 5
+                                else ""))
+        predictor, size, names = export.load_predictor(args.model)
+    except ValueError as e:
+        _fail(str(e))
+    k = min(args.top_k, 1000)
+    for path in files:
+        image = data.decode_image(tf.io.read_file(path), size).numpy()
+        probs = predictor(image[None])[0]
+        top = np.argsort(-probs)[:k]
+        pairs = [[names[i] if names and i < len(names) else str(i), round(float(probs[i]), 6)]
+                 for i in top]
+        if args.json:
+            print(json.dumps({"path": path, "top_k": pairs}))
+        else:
+            print(f"{path}: " + ", ".join(f"{n} {p:.4f}" for n, p in pairs))

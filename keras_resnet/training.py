@@ -361,6 +361,8 @@ def train(config):
         max_eval_images=config.max_eval_images, seed=config.seed)
     if splits.report:
         print(f"data: {json.dumps(splits.report)}")
+    with open(os.path.join(out, "labels.txt"), "w") as f:
+        f.writelines(f"{name}\n" for name in splits.class_names)
     global_batch = config.batch_size * strategy.num_replicas_in_sync
     steps_per_epoch = splits.num_train // global_batch
     if steps_per_epoch < 1:

@@ -1,0 +1,153 @@
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+from test_data import write_folder
+
+from keras_resnet import export as E
+from keras_resnet import training as T
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cli(script, *args):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", script), *args],
+                          check=False, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return str(write_folder(tmp_path_factory.mktemp("data"), per_class=8, size=16))
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    keras.utils.set_random_seed(0)
+    model = T.build_classifier(T.TrainConfig(), (16, 16), 3, (120, 115, 100), (60, 60, 65))
+    # Non-trivial BN statistics, so the exported graph has something to get wrong.
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(rng.normal(0, 0.1, n).astype("float32"))
+            layer.moving_variance.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
+    path = tmp_path_factory.mktemp("model") / "model.keras"
+    model.save(path)
+    (path.parent / "labels.txt").write_text("cat\ndog\neel\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def exported(model_path, folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "artifacts"
+    result = cli("export_model.py", model_path, "--output-dir", str(out), "--formats",
+                 ",".join(E.FORMATS), "--data-dir", folder, "--calibration-images", "20")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result.stdout
+
+
+def test_every_format_is_written_and_checked(exported):
+    out, stdout = exported
+    report = json.loads((out / "export_report.json").read_text())
+    assert set(report["artifacts"]) == set(E.FORMATS)
+    for fmt, figures in report["artifacts"].items():
+        assert os.path.exists(figures["path"]) and figures["num_images"] == 24
+        assert json.loads((out / (E.ARTIFACT_NAMES[fmt] + ".json")).read_text()) == figures
+    arts = report["artifacts"]
+    for fmt in ("saved_model", "tflite_float32"):
+        assert arts[fmt]["passed"] and arts[fmt]["max_abs_diff"] <= 1e-4
+        assert arts[fmt]["top1_agreement"] == 1.0
+    assert arts["tflite_float16"]["max_abs_diff"] < 1e-2
+    sizes = {f: arts[f]["size_bytes"] for f in arts}
+    assert 0.45 < sizes["tflite_float16"] / sizes["tflite_float32"] < 0.55
+    assert 0.2 < sizes["tflite_int8"] / sizes["tflite_float32"] < 0.3
+    assert (out / "labels.txt").read_text() == "cat\ndog\neel\n"
+    assert "tflite_int8" in stdout and "max|dp|" in stdout
+    assert not [p for p in os.listdir(out) if p.startswith(".export-") or p.endswith(".tmp")]
+
+
+def test_saved_model_takes_uint8_batches_and_matches_keras(exported, model_path):
+    out, _ = exported
+    runner = E.SavedModelRunner(out / "saved_model")
+    images = np.random.default_rng(1).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    keras_probs = np.asarray(E.probability_fn(keras.saving.load_model(model_path))(images))
+    for batch in (images[:1], images):
+        probs = runner(batch)
+        assert probs.shape == (len(batch), 3)
+        np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+        np.testing.assert_allclose(probs, keras_probs[:len(batch)], atol=1e-5)
+
+
+def test_full_integer_model_takes_raw_uint8(exported):
+    out, _ = exported
+    m = E.TFLiteModel(out / "model_int8.tflite")
+    assert m.input["dtype"] == np.uint8 and m.output["dtype"] == np.uint8
+    scale, zero = m.input["quantization"]
+    assert scale == pytest.approx(1.0, rel=1e-3) and zero == 0
+    with pytest.raises(ValueError, match="does not match the model's uint8 input"):
+        m.invoke(np.zeros((1, 16, 16, 3), np.float32))
+    f32 = E.TFLiteModel(out / "model_float32.tflite")
+    with pytest.raises(ValueError, match="expected uint8 pixels, got float32"):
+        f32(np.zeros((1, 16, 16, 3), np.float32))
+
+
+def test_bad_export_inputs_write_nothing(model_path, folder, tmp_path):
+    not_model = tmp_path / "notes.keras"
+    not_model.write_text("hello")
+    result = cli("export_model.py", str(not_model), "--output-dir", str(tmp_path / "a"))
+    assert result.returncode == 2 and "is not a Keras model file" in result.stderr
+    result = cli("export_model.py", model_path, "--output-dir", str(tmp_path / "b"),
+                 "--formats", "tflite_int8")
+    assert result.returncode == 2 and "needs calibration images" in result.stderr
+    result = cli("export_model.py", model_path, "--output-dir", str(tmp_path / "c"),
+                 "--formats", "onnx")
+    assert result.returncode == 2 and "--formats: got ['onnx']" in result.stderr
+    assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_predict_from_every_artifact_kind(exported, model_path, folder):
+    out, _ = exported
+    images = os.path.join(folder, "test", "dog")
+    results = {}
+    for model in (model_path, str(out / "saved_model"), str(out / "model_float32.tflite"),
+                  str(out / "model_int8.tflite")):
+        r = cli("predict.py", model, images, "--top-k", "2", "--json")
+        assert r.returncode == 0, r.stderr[-2000:]
+        lines = [json.loads(line) for line in r.stdout.splitlines()]
+        assert len(lines) == 8 and all(len(x["top_k"]) == 2 for x in lines)
+        assert {p[0] for x in lines for p in x["top_k"]} <= {"cat", "dog", "eel"}
+        results[model] = lines
+    keras_top = [x["top_k"][0][0] for x in results[model_path]]
+    tflite_top = [x["top_k"][0][0] for x in results[str(out / "model_float32.tflite")]]
+    assert keras_top == tflite_top
+    text = cli("predict.py", model_path, os.path.join(images, "0.jpg"))
+    assert text.returncode == 0 and text.stdout.startswith(os.path.join(images, "0.jpg") + ":")
+
+
+def test_predict_converts_odd_images(model_path, tmp_path):
+    Image.fromarray(np.full((50, 30), 90, np.uint8)).save(tmp_path / "gray.png")
+    Image.fromarray(np.full((8, 8, 4), 90, np.uint8)).save(tmp_path / "rgba.png")
+    r = cli("predict.py", model_path, str(tmp_path), "--json", "--top-k", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(r.stdout.splitlines()) == 2
+
+
+def test_predict_bad_inputs(model_path, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xffnot really")
+    (tmp_path / "bad.tflite").write_bytes(b"nope")
+    cases = [
+        ((model_path, str(tmp_path / "empty")), "holds no files"),
+        ((model_path, str(tmp_path / "broken.jpg")), "not a readable image"),
+        ((model_path, str(tmp_path / "missing.png")), "does not exist"),
+        ((str(tmp_path / "bad.tflite"), str(tmp_path / "broken.jpg")), "not a readable image"),
+    ]
+    for args, message in cases:
+        r = cli("predict.py", *args)
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr[-1000:])
