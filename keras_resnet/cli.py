@@ -214,3 +214,34 @@ def predict_main(argv=None):
             print(json.dumps({"path": path, "top_k": pairs}))
         else:
             print(f"{path}: " + ", ".join(f"{n} {p:.4f}" for n, p in pairs))
+
+
+def compare_main(argv=None):
+    """Compare ResNet18/34/50 with other CNNs: size, FLOPs, speed, accuracy."""
+    from keras_resnet import compare
+
+    defaults = compare.CompareConfig()
+    parser = argparse.ArgumentParser(description=compare_main.__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--models", default=",".join(defaults.models),
+                        help="comma-separated names")
+    parser.add_argument("--data-dir", help="image folder root/<split>/<class>/* "
+                        "(default: tfds cifar10)")
+    parser.add_argument("--output-dir", default=defaults.output_dir)
+    for name in ("epochs", "train_images", "eval_images", "batch_size", "latency_runs",
+                 "seed"):
+        parser.add_argument("--" + name.replace("_", "-"), type=int,
+                            default=getattr(defaults, name))
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    args = parser.parse_args(argv)
+    values = vars(args)
+    values["models"] = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    try:
+        config = compare.CompareConfig(**values)
+        config.validate()
+        _, table = compare.compare(config)
+    except ValueError as e:
+        _fail(str(e))
+    print(table)
+    print(f"written: {args.output_dir}/results.csv, results.md, accuracy_vs_latency.png, "
+          "accuracy_vs_params.png")

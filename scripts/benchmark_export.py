@@ -1,0 +1,91 @@
+"""Size and batch-1 latency of each exported artifact, with 1 and 2 threads.
+
+Reads a folder written by ``export_model.py``; for each artifact: size on disk,
+then median and p90 latency of one image over ``--runs`` runs after
+``--warmup`` runs. TFLite runs in the LiteRT interpreter (``num_threads``);
+the SavedModel runs in a child process per thread count, because TensorFlow's
+thread pools are fixed at start-up. The last output line is one JSON object.
+
+    python scripts/benchmark_export.py saved_models/resnet18_cifar
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def latency_ms(fn, image, runs, warmup):
+    for _ in range(warmup):
+        fn(image)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn(image)
+        times.append((time.perf_counter() - start) * 1e3)
+    return {"median_ms": round(float(np.median(times)), 3),
+            "p90_ms": round(float(np.percentile(times, 90)), 3)}
+
+
+def saved_model_child(path, threads, runs, warmup):
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    from keras_resnet.export import SavedModelRunner
+
+    runner = SavedModelRunner(path)
+    image = np.random.default_rng(0).integers(0, 256, (1, *runner.image_size, 3), np.uint8)
+    print(json.dumps(latency_ms(runner, image, runs, warmup)))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", help="an export_model.py output folder")
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return saved_model_child(args.child[0], int(args.child[1]), args.runs, args.warmup)
+    if args.runs < 100:
+        parser.error("--runs must be >= 100")
+    threads = [int(t) for t in args.threads.split(",")]
+    report_path = os.path.join(args.folder, "export_report.json")
+    if not os.path.exists(report_path):
+        parser.error(f"{args.folder!r} holds no export_report.json (run export_model.py)")
+    with open(report_path) as f:
+        artifacts = json.load(f)["artifacts"]
+
+    from keras_resnet.export import TFLiteModel
+
+    results = {}
+    for fmt, info in artifacts.items():
+        path = info["path"]
+        row = {"size_mb": round(info["size_bytes"] / 1e6, 2)}
+        for n in threads:
+            if fmt == "saved_model":
+                out = subprocess.run([sys.executable, __file__, args.folder, "--child", path,
+                                      str(n), "--runs", str(args.runs), "--warmup",
+                                      str(args.warmup)], capture_output=True, text=True,
+                                     check=True)
+                row[f"threads_{n}"] = json.loads(out.stdout.strip().splitlines()[-1])
+            else:
+                model = TFLiteModel(path, num_threads=n)
+                image = np.random.default_rng(0).integers(
+                    0, 256, (1, *model.image_size, 3), np.uint8)
+                row[f"threads_{n}"] = latency_ms(model, image, args.runs, args.warmup)
+        results[fmt] = row
+        print(f"{fmt:22} {row['size_mb']:8.2f} MB  " + "  ".join(
+            f"{n} thr: median {row[f'threads_{n}']['median_ms']:.3f} ms, "
+            f"p90 {row[f'threads_{n}']['p90_ms']:.3f} ms" for n in threads), flush=True)
+    print(json.dumps({"runs": args.runs, "warmup": args.warmup, "artifacts": results}))
+
+
+if __name__ == "__main__":
+    main()
