@@ -173,3 +173,20 @@ def test_real_cifar10_jpeg_folder():
     np.testing.assert_allclose(s.mean, (125.3, 122.9, 113.9), atol=8)
     labels = [int(y) for _, y in s.test]
     assert set(labels) <= set(range(10)) and len(set(labels)) > 5
+
+
+def test_benchmark_pipeline_script(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    root = write_folder(tmp_path, per_class=20, size=32)
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "benchmark_pipeline.py")
+    r = subprocess.run([sys.executable, script, "--data-dir", str(root), "--batch-size", "8",
+                        "--pipeline-batches", "4", "--steps", "2", "--rounds", "1"],
+                       check=False, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("pipeline_img_s", "train_fed_img_s", "train_inmemory_img_s"):
+        assert result[key] > 0

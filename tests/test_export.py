@@ -151,3 +151,18 @@ def test_predict_bad_inputs(model_path, tmp_path):
     for args, message in cases:
         r = cli("predict.py", *args)
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr[-1000:])
+
+
+def test_benchmark_export_script(exported):
+    out, _ = exported
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "benchmark_export.py"),
+                        str(out), "--runs", "100", "--warmup", "2"], check=False,
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(result["artifacts"]) == set(E.FORMATS)
+    for row in result["artifacts"].values():
+        for n in (1, 2):
+            t = row[f"threads_{n}"]
+            assert 0 < t["median_ms"] <= t["p90_ms"]

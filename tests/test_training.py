@@ -155,10 +155,14 @@ def test_weight_decay_skips_bn_and_bias():
 @pytest.mark.parametrize("optimizer", ["sgd", "rmsprop", "adam", "adamw"])
 def test_optimizers_and_bfloat16_give_finite_loss(folder, tmp_path, optimizer):
     precision = "bfloat16" if optimizer == "sgd" else "float32"
+    in_model = optimizer == "adam"  # augmentation inside the model, on the accelerator
     report = T.train(smoke(folder, tmp_path / optimizer, optimizer=optimizer,
-                           precision=precision, clipnorm=1.0, mixup=0.2, label_smoothing=0.1))
+                           precision=precision, clipnorm=1.0, mixup=0.2, label_smoothing=0.1,
+                           augment_in_model=in_model))
     history = T.read_history(str(tmp_path / optimizer / "history.csv"))
     assert np.isfinite(history["loss"][0]) and 0 <= report["top1"] <= 1
+    best = keras.saving.load_model(tmp_path / optimizer / "best.keras", compile=False)
+    assert ("augment" in [la.name for la in best.layers]) == in_model
     keras.mixed_precision.set_global_policy("float32")
 
 
