@@ -111,14 +111,7 @@ def tflite_latency_ms(model, runs):
             f.write(export.convert_tflite(model, "tflite_float32"))
         runner = export.TFLiteModel(path, num_threads=2)
         image = np.zeros((1, *runner.image_size, 3), np.uint8)
-        for _ in range(5):
-            runner(image)
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            runner(image)
-            times.append((time.perf_counter() - start) * 1e3)
-    return float(np.median(times))
+        return export.latency_ms(runner, image, runs)["median_ms"]
 
 
 def measure(name, splits, config):

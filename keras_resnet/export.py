@@ -274,6 +274,21 @@ def export(source, output_dir, formats=("saved_model", "tflite_float32"), images
     return report
 
 
+def latency_ms(fn, image, runs, warmup=5):
+    """Median and p90 wall time (ms) of ``fn(image)`` over ``runs`` calls after ``warmup``."""
+    import time
+
+    for _ in range(warmup):
+        fn(image)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn(image)
+        times.append((time.perf_counter() - start) * 1e3)
+    return {"median_ms": round(float(np.median(times)), 3),
+            "p90_ms": round(float(np.percentile(times, 90)), 3)}
+
+
 def _size(path):
     if os.path.isfile(path):
         return os.path.getsize(path)

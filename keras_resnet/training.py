@@ -392,6 +392,8 @@ def train(config):
     history_csv = os.path.join(out, "history.csv")
     if resuming:
         _trim_history(history_csv, _backup_epoch(backup))
+    elif os.path.exists(history_csv):  # a run that died before its first epoch ended
+        os.remove(history_csv)
     callbacks = [
         # Before the backup, so history.csv always holds every backed-up epoch
         # (a row the backup lacks is trimmed on resume).

@@ -14,21 +14,8 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
-
-
-def latency_ms(fn, image, runs, warmup):
-    for _ in range(warmup):
-        fn(image)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn(image)
-        times.append((time.perf_counter() - start) * 1e3)
-    return {"median_ms": round(float(np.median(times)), 3),
-            "p90_ms": round(float(np.percentile(times, 90)), 3)}
 
 
 def saved_model_child(path, threads, runs, warmup):
@@ -36,7 +23,7 @@ def saved_model_child(path, threads, runs, warmup):
 
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
-    from keras_resnet.export import SavedModelRunner
+    from keras_resnet.export import SavedModelRunner, latency_ms
 
     runner = SavedModelRunner(path)
     image = np.random.default_rng(0).integers(0, 256, (1, *runner.image_size, 3), np.uint8)
@@ -62,7 +49,7 @@ def main():
     with open(report_path) as f:
         artifacts = json.load(f)["artifacts"]
 
-    from keras_resnet.export import TFLiteModel
+    from keras_resnet.export import TFLiteModel, latency_ms
 
     results = {}
     for fmt, info in artifacts.items():
