@@ -48,7 +48,7 @@ def test_small_compare_run_writes_table_csv_and_plots(tmp_path):
     assert int(rows[1]["params"]) == 11_173_962 - 10 * 513 + 3 * 513 + 9_600  # + BN stats
     assert float(rows[1]["gflops"]) > float(rows[0]["gflops"]) > 0
     assert all(0 <= float(row["test_top1"]) <= 1 for row in rows)
-    assert "| resnet18 | 11.17 |" in (out / "results.md").read_text()
+    assert "| resnet18 | 11.18 |" in (out / "results.md").read_text()
     for png in ("accuracy_vs_latency.png", "accuracy_vs_params.png"):
         assert (out / png).stat().st_size > 1000
 
