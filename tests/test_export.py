@@ -67,6 +67,7 @@ def test_every_format_is_written_and_checked(exported):
     sizes = {f: arts[f]["size_bytes"] for f in arts}
     assert 0.45 < sizes["tflite_float16"] / sizes["tflite_float32"] < 0.55
     assert 0.2 < sizes["tflite_int8"] / sizes["tflite_float32"] < 0.3
+    assert sizes["saved_model"] < 1.3 * sizes["tflite_float32"]  # each weight stored once
     assert (out / "labels.txt").read_text() == "cat\ndog\neel\n"
     assert "tflite_int8" in stdout and "max|dp|" in stdout
     assert not [p for p in os.listdir(out) if p.startswith(".export-") or p.endswith(".tmp")]
