@@ -82,6 +82,13 @@ def test_tfds_not_prepared_gives_clear_error(tmp_path):
         D.load_splits("mnist", data_dir=str(tmp_path))
 
 
+def test_tfds_cifar100_mock(tmp_path):
+    with tfds.testing.mock_data(num_examples=12):
+        s = D.load_splits("cifar100", data_dir=str(tmp_path), validation_size=4)
+    assert s.num_classes == 100 and s.mean == D.KNOWN_STATS["cifar100"][0]
+    assert s.num_train == 12 and s.num_validation == 12  # mock data ignores slicing
+
+
 def test_tfds_cifar10_mock(tmp_path):
     with tfds.testing.mock_data(num_examples=40):
         s = D.load_splits("cifar10", data_dir=str(tmp_path), validation_size=10)
