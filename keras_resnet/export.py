@@ -36,9 +36,35 @@ def load_source(source):
         raise ValueError(f"SOURCE: {source!r} is neither a .keras file nor a run directory "
                          "holding best.keras")
     try:
-        return keras.saving.load_model(path, compile=False), path
+        model = keras.saving.load_model(path, compile=False)
     except (ValueError, OSError, KeyError, TypeError) as e:
         raise ValueError(f"SOURCE: {path!r} is not a Keras model file ({e})") from None
+    return as_float32(model), path
+
+
+def as_float32(model):
+    """The model computing in float32, whatever precision it was trained in.
+
+    A mixed-precision model keeps float32 weights but computes in bfloat16 /
+    float16; artifacts, and the checks that compare them with Keras, want the
+    float32 computation. The same architecture is rebuilt with every dtype
+    policy set to float32 and given the same weights.
+    """
+    if all(layer.dtype_policy.name == "float32" for layer in model.layers):
+        return model
+
+    def to_float32(node):
+        if isinstance(node, dict):
+            if node.get("class_name") == "DTypePolicy":
+                return {**node, "config": {**node["config"], "name": "float32"}}
+            return {key: to_float32(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [to_float32(value) for value in node]
+        return node
+
+    clone = keras.Model.from_config(to_float32(model.get_config()))
+    clone.set_weights(model.get_weights())
+    return clone
 
 
 def read_labels(model_path):

@@ -246,16 +246,37 @@ def make_schedule(config, steps_per_epoch, lr):
 
 
 def resolve_precision(precision):
-    """'auto' picks mixed bfloat16 / float16 on a GPU and float32 on a CPU."""
+    """The Keras dtype policy for ``--precision``.
+
+    'auto' picks mixed bfloat16 / float16 on a GPU (by compute capability),
+    mixed bfloat16 on a CPU with native bfloat16 arithmetic and float32 on
+    other CPUs (scripts/benchmark_training.py measures the choice).
+    """
     if precision != "auto":
         return {"float32": "float32", "bfloat16": "mixed_bfloat16",
                 "float16": "mixed_float16"}[precision]
     gpus = tf.config.list_physical_devices("GPU")
     if not gpus:
-        return "float32"
+        return "mixed_bfloat16" if cpu_has_bfloat16() else "float32"
     major = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability",
                                                                    (0, 0))[0]
     return "mixed_bfloat16" if major >= 8 else "mixed_float16"
+
+
+def cpu_has_bfloat16(cpuinfo="/proc/cpuinfo"):
+    """Whether oneDNN runs bfloat16 natively here: an x86 CPU with AVX512-BF16 or AMX.
+
+    TensorFlow has no public API for CPU features, so the Linux flags are read;
+    elsewhere, or with oneDNN switched off, the answer is no.
+    """
+    if os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "0":
+        return False
+    try:
+        with open(cpuinfo) as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 class KerasMultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):

@@ -172,3 +172,28 @@ def test_benchmark_export_script(exported):
         for n in (1, 2):
             t = row[f"threads_{n}"]
             assert 0 < t["median_ms"] <= t["p90_ms"]
+
+
+def test_mixed_precision_model_exports_in_float32(tmp_path):
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        keras.utils.set_random_seed(1)
+        mixed = T.build_classifier(T.TrainConfig(model="resnet18"), (8, 8), 4,
+                                   (120, 115, 100), (60, 60, 65))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert mixed.get_layer("stem_conv1").compute_dtype == "bfloat16"
+    path = tmp_path / "mixed.keras"
+    mixed.save(path)
+    model, _ = E.load_source(str(path))
+    assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
+    for a, b in zip(model.get_weights(), mixed.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    images = np.random.default_rng(2).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    probs = np.asarray(E.probability_fn(model)(images))
+    assert probs.dtype == np.float32
+    # bfloat16 keeps ~3 significant digits: close to the mixed model, not equal.
+    mixed_probs = np.asarray(E.probability_fn(mixed)(images))
+    assert 0 < np.abs(probs - mixed_probs).max() < 0.05
+    (tmp_path / "m.tflite").write_bytes(E.convert_tflite(model, "tflite_float32"))
+    assert np.abs(E.TFLiteModel(tmp_path / "m.tflite")(images) - probs).max() < 1e-4

@@ -152,6 +152,21 @@ def test_weight_decay_skips_bn_and_bias():
     assert opt._use_weight_decay(model2.get_layer("stem_conv1").kernel) is True
 
 
+def test_precision_choice(tmp_path, monkeypatch):
+    with_bf16, without = tmp_path / "bf16", tmp_path / "plain"
+    with_bf16.write_text("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n")
+    without.write_text("flags\t\t: fpu sse2 avx2 avx512f\n")
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    assert T.cpu_has_bfloat16(str(with_bf16)) and not T.cpu_has_bfloat16(str(without))
+    assert not T.cpu_has_bfloat16(str(tmp_path / "missing"))
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    assert not T.cpu_has_bfloat16(str(with_bf16))
+    assert T.resolve_precision("float32") == "float32"
+    assert T.resolve_precision("bfloat16") == "mixed_bfloat16"
+    assert T.resolve_precision("float16") == "mixed_float16"
+    assert T.resolve_precision("auto") in ("float32", "mixed_bfloat16", "mixed_float16")
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "rmsprop", "adam", "adamw"])
 def test_optimizers_and_bfloat16_give_finite_loss(folder, tmp_path, optimizer):
     precision = "bfloat16" if optimizer == "sgd" else "float32"
