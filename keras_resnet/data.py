@@ -92,7 +92,9 @@ def load_splits(dataset="cifar10", *, image_folder=None, data_dir=None,
         data_dir: tfds data directory (default: ``TFDS_DATA_DIR`` or ~/tensorflow_datasets).
         validation_size: images carved from the training split for validation
             (a ``root/val`` folder is used instead when present); 0 = none.
-        max_train_images, max_eval_images: use subsets (seeded choice).
+        max_train_images, max_eval_images: use subsets (a seeded choice for
+            folders, the first N for tfds), cut after the validation split is
+            carved, so it stays the same set.
         image_size: (height, width) for folders; default: the most common size.
         seed: seeds the subset choice.
 
@@ -216,11 +218,16 @@ def scan_images(paths):
         return list(pool.map(probe, paths, chunksize=256))
 
 
-def _folder_split(split_dir, class_names, limit, seed, report, key):
-    paths, labels, class_names, empty = list_image_folder(split_dir, class_names)
+def _subset(paths, labels, limit, seed):
+    """A seeded choice of ``limit`` files (all of them when ``limit`` is None)."""
     if limit and limit < len(paths):
         keep = np.sort(np.random.default_rng(seed).permutation(len(paths))[:limit])
-        paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
+        return [paths[i] for i in keep], [labels[i] for i in keep]
+    return paths, labels
+
+
+def _readable(paths, labels, empty, report, key):
+    """The files PIL can open, with what was skipped or converted in ``report[key]``."""
     info = scan_images(paths)
     good = [i for i, v in enumerate(info) if v is not None]
     report[key] = {
@@ -230,7 +237,12 @@ def _folder_split(split_dir, class_names, limit, seed, report, key):
         "empty_class_folders": empty,
         "sizes": dict(Counter(f"{v[1][0]}x{v[1][1]}" for v in info if v).most_common()),
     }
-    return [paths[i] for i in good], [labels[i] for i in good], class_names
+    return [paths[i] for i in good], [labels[i] for i in good]
+
+
+def _folder_split(split_dir, class_names, limit, seed, report, key):
+    paths, labels, _, empty = list_image_folder(split_dir, class_names)
+    return _readable(*_subset(paths, labels, limit, seed), empty, report, key)
 
 
 def _folder_splits(root, validation_size, max_train, max_eval, image_size, seed):
@@ -238,15 +250,16 @@ def _folder_splits(root, validation_size, max_train, max_eval, image_size, seed)
         raise DataError(f"image folder not found: {root!r}; expected "
                         f"{root}/train/<class>/*.jpg|png (and optionally test/, val/)")
     report = {}
-    train_paths, train_labels, names = _folder_split(
-        os.path.join(root, "train"), None, max_train, seed, report, "train")
+    # As with tfds: the validation split is carved first, then both are cut
+    # to max_train / max_eval, so a small trial keeps a proper validation set.
+    train_paths, train_labels, names, empty = list_image_folder(os.path.join(root, "train"))
     if not train_paths:
-        raise DataError(f"no readable images under {os.path.join(root, 'train')!r}")
+        raise DataError(f"no image files under {os.path.join(root, 'train')!r}")
     val_dir = next((os.path.join(root, d) for d in ("val", "validation")
                     if os.path.isdir(os.path.join(root, d))), None)
     val = None
     if val_dir:
-        val = _folder_split(val_dir, names, max_eval, seed, report, "validation")[:2]
+        val = _folder_split(val_dir, names, max_eval, seed, report, "validation")
     elif validation_size:
         if validation_size >= len(train_paths):
             raise ValueError(f"validation_size: {validation_size} leaves no training images "
@@ -255,15 +268,20 @@ def _folder_splits(root, validation_size, max_train, max_eval, image_size, seed)
         # set stays the same across runs and seeds.
         order = np.random.default_rng(12345).permutation(len(train_paths))
         vi, ti = np.sort(order[:validation_size]), np.sort(order[validation_size:])
-        val = ([train_paths[i] for i in vi], [train_labels[i] for i in vi])
+        val_files = _subset([train_paths[i] for i in vi], [train_labels[i] for i in vi],
+                            max_eval, seed)
+        val = _readable(*val_files, [], report, "validation")
+        report["validation"]["carved_from"] = "train"
         train_paths = [train_paths[i] for i in ti]
         train_labels = [train_labels[i] for i in ti]
-        report["train"]["images"] = len(train_paths)
-        report["validation"] = {"images": len(vi), "carved_from": "train"}
+    train_paths, train_labels = _readable(
+        *_subset(train_paths, train_labels, max_train, seed), empty, report, "train")
+    if not train_paths:
+        raise DataError(f"no readable images under {os.path.join(root, 'train')!r}")
     test = None
     if os.path.isdir(os.path.join(root, "test")):
         test = _folder_split(os.path.join(root, "test"), names, max_eval, seed, report,
-                             "test")[:2]
+                             "test")
     if image_size is None:  # the most common size of the training images
         image_size = next(iter(report["train"]["sizes"])).split("x")
     image_size = tuple(int(s) for s in image_size)

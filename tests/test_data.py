@@ -38,18 +38,39 @@ def messy_folder(tmp_path):
 def test_image_folder_converts_and_skips(messy_folder):
     s = D.load_splits(image_folder=str(messy_folder), validation_size=4)
     assert s.class_names == ["cat", "dog", "eel", "fox"]
-    rep = s.report["train"]
-    assert rep["skipped_unreadable"] == 2
-    assert rep["converted_mode"] == 2
-    assert rep["empty_class_folders"] == ["fox"]
-    assert rep["sizes"] == {"16x16": 20, "40x24": 1}
+    # The 4 validation files are carved from the 23 listed, then each part is
+    # scanned: the 2 unreadable files are skipped wherever they fell.
+    rep, val = s.report["train"], s.report["validation"]
+    assert rep["skipped_unreadable"] + val["skipped_unreadable"] == 2
+    assert rep["converted_mode"] + val["converted_mode"] == 2
+    assert rep["empty_class_folders"] == ["fox"] and val["carved_from"] == "train"
+    sizes = {k: rep["sizes"].get(k, 0) + val["sizes"].get(k, 0) for k in ("16x16", "40x24")}
+    assert sizes == {"16x16": 20, "40x24": 1}
     assert s.image_size == (16, 16)
-    assert (s.num_train, s.num_validation, s.num_test) == (17, 4, 18)
+    assert s.num_validation == 4 - val["skipped_unreadable"]
+    assert (s.num_train + s.num_validation, s.num_test) == (21, 18)
     images = [(x.numpy(), int(y)) for x, y in s.train.concatenate(s.validation)]
     assert len(images) == 21 and all(x.shape == (16, 16, 3) and x.dtype == np.uint8
                                      for x, _ in images)
     assert any(np.all(x == 7) for x, _ in images)  # grayscale -> 3 equal channels
     assert any(np.all(x == 200) for x, _ in images)  # resized, not cropped
+
+
+def test_validation_is_carved_before_the_subsets(tmp_path):
+    root = str(write_folder(tmp_path, per_class=6))
+
+    def images(ds):
+        return sorted(x.numpy().tobytes() for x, _ in ds)
+
+    full = D.load_splits(image_folder=root, validation_size=6)
+    small = D.load_splits(image_folder=root, validation_size=6, max_train_images=4,
+                          max_eval_images=6)
+    assert (small.num_train, small.num_validation, small.num_test) == (4, 6, 6)
+    assert images(small.validation) == images(full.validation)
+    assert not set(images(small.train)) & set(images(small.validation))
+    capped = D.load_splits(image_folder=root, validation_size=6, max_eval_images=2)
+    assert (capped.num_train, capped.num_validation, capped.num_test) == (12, 2, 2)
+    assert set(images(capped.validation)) <= set(images(full.validation))
 
 
 def test_validation_folder_is_used_when_present(tmp_path):
@@ -175,7 +196,7 @@ def test_real_cifar10_jpeg_folder():
     s = D.load_splits(image_folder=SHARED, max_train_images=300, max_eval_images=100,
                       validation_size=50)
     assert s.class_names[0] == "airplane" and s.class_names[9] == "truck"
-    assert (s.num_train, s.num_validation, s.num_test) == (250, 50, 100)
+    assert (s.num_train, s.num_validation, s.num_test) == (300, 50, 100)
     assert s.image_size == (32, 32) and s.report["train"]["skipped_unreadable"] == 0
     np.testing.assert_allclose(s.mean, (125.3, 122.9, 113.9), atol=8)
     labels = [int(y) for _, y in s.test]
