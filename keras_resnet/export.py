@@ -47,22 +47,15 @@ def as_float32(model):
 
     A mixed-precision model keeps float32 weights but computes in bfloat16 /
     float16; artifacts, and the checks that compare them with Keras, want the
-    float32 computation. The same architecture is rebuilt with every dtype
-    policy set to float32 and given the same weights.
+    float32 computation: the model is cloned with every layer's dtype policy
+    set to float32 and given the same weights.
     """
     if all(layer.dtype_policy.name == "float32" for layer in model.layers):
         return model
-
-    def to_float32(node):
-        if isinstance(node, dict):
-            if node.get("class_name") == "DTypePolicy":
-                return {**node, "config": {**node["config"], "name": "float32"}}
-            return {key: to_float32(value) for key, value in node.items()}
-        if isinstance(node, list):
-            return [to_float32(value) for value in node]
-        return node
-
-    clone = keras.Model.from_config(to_float32(model.get_config()))
+    clone = keras.models.clone_model(
+        model, recursive=True,
+        clone_function=lambda layer: layer.__class__.from_config(
+            {**layer.get_config(), "dtype": "float32"}))
     clone.set_weights(model.get_weights())
     return clone
 
