@@ -112,6 +112,9 @@ def export_main(argv=None):
     parser.add_argument("--check-images", type=int, default=1000)
     parser.add_argument("--int8-io", choices=["uint8", "int8"], default="uint8",
                         help="input / output type of the full-integer model")
+    parser.add_argument("--no-winograd", dest="winograd", action="store_false",
+                        help="tflite_float32 with direct convolutions only (smaller file, "
+                        "slower on CPUs)")
     args = parser.parse_args(argv)
     if args.formats is None:
         formats = [f for f in export.FORMATS if args.data_dir or f != "tflite_int8"]
@@ -149,7 +152,7 @@ def export_main(argv=None):
             class_names = splits.class_names
         report = export.export(args.source, output_dir, formats, images=images, labels=labels,
                                calibration=calibration, int8_io=args.int8_io,
-                               class_names=class_names)
+                               class_names=class_names, winograd=args.winograd)
     except ValueError as e:
         _fail(str(e))
     print(f"{'artifact':22} {'size MB':>8} {'max|dp|':>9} {'agree':>6} {'top1':>6} "
@@ -159,6 +162,10 @@ def export_main(argv=None):
               f"{r['top1_agreement']:6.3f} {r['top1_accuracy']:6.3f} "
               f"{r['keras_top1_accuracy']:6.3f}  {'ok' if r['passed'] else 'MISSED'}: "
               f"{r['target']}")
+    rewritten = report["artifacts"].get("tflite_float32", {}).get("winograd_convs")
+    if rewritten:
+        print(f"tflite_float32: {len(rewritten)} 3x3 convs computed by Winograd "
+              "(--no-winograd: direct convs, smaller file)")
     print(f"report: {os.path.join(output_dir, 'export_report.json')}")
     print(json.dumps({fmt: r["path"] for fmt, r in report["artifacts"].items()}))
 

@@ -6,6 +6,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+from conftest import random_batchnorm_statistics
 from PIL import Image
 from test_data import write_folder
 
@@ -30,16 +31,7 @@ def folder(tmp_path_factory):
 def model_path(tmp_path_factory):
     keras.utils.set_random_seed(0)
     model = T.build_classifier(T.TrainConfig(), (16, 16), 3, (120, 115, 100), (60, 60, 65))
-    # Non-trivial BN statistics, so the exported graph has something to get wrong.
-    rng = np.random.default_rng(0)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            n = layer.moving_mean.shape[0]
-            layer.moving_mean.assign(rng.normal(0, 0.1, n).astype("float32"))
-            layer.moving_variance.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
-            # Non-zero gammas too: zero-init residual gammas fold into all-zero
-            # conv kernels, which the TFLite converter stores only once.
-            layer.gamma.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
+    random_batchnorm_statistics(model)
     path = tmp_path_factory.mktemp("model") / "model.keras"
     model.save(path)
     (path.parent / "labels.txt").write_text("cat\ndog\neel\n")
@@ -68,14 +60,32 @@ def test_every_format_is_written_and_checked(exported, model_path):
         assert arts[fmt]["top1_agreement"] == 1.0
     assert arts["tflite_float16"]["max_abs_diff"] < 1e-2
     sizes = {f: arts[f]["size_bytes"] for f in arts}
-    assert 0.45 < sizes["tflite_float16"] / sizes["tflite_float32"] < 0.55
-    assert 0.2 < sizes["tflite_int8"] / sizes["tflite_float32"] < 0.3
-    weight_bytes = 4 * keras.saving.load_model(model_path).count_params()
+    model = keras.saving.load_model(model_path)
+    weight_bytes = 4 * model.count_params()
     assert sizes["saved_model"] < 1.1 * weight_bytes  # each weight stored once
-    assert 0.9 * weight_bytes < sizes["tflite_float32"] < 1.1 * weight_bytes
+    assert 0.45 < sizes["tflite_float16"] / weight_bytes < 0.55
+    assert 0.2 < sizes["tflite_int8"] / weight_bytes < 0.3
+    # float32: the stride-1 3x3 convs of every stage (16x16 input: maps <= 16x16)
+    # are Winograd, whose kernels hold 16 instead of 9 values per channel pair.
+    rewritten = arts["tflite_float32"]["winograd_convs"]
+    assert len(rewritten) == 14 and {"stem_conv1", "stage4_block2_conv2"} <= set(rewritten)
+    extra = sum(4 * 7 / 9 * np.prod(model.get_layer(n).kernel.shape) for n in rewritten)
+    assert 0.9 < sizes["tflite_float32"] / (weight_bytes + extra) < 1.1
     assert (out / "labels.txt").read_text() == "cat\ndog\neel\n"
     assert "tflite_int8" in stdout and "max|dp|" in stdout
     assert not [p for p in os.listdir(out) if p.startswith(".export-") or p.endswith(".tmp")]
+
+
+def test_no_winograd_gives_direct_convs(model_path, folder, tmp_path):
+    result = cli("export_model.py", model_path, "--output-dir", str(tmp_path), "--formats",
+                 "tflite_float32", "--data-dir", folder, "--no-winograd")
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads((tmp_path / "model_float32.tflite.json").read_text())
+    assert figures["winograd_convs"] == [] and figures["passed"]
+    weight_bytes = 4 * keras.saving.load_model(model_path).count_params()
+    assert 0.9 * weight_bytes < figures["size_bytes"] < 1.1 * weight_bytes
+    ops = {op["op_name"] for op in E.TFLiteModel(figures["path"]).interpreter._get_ops_details()}
+    assert "CONV_2D" in ops and "BATCH_MATMUL" not in ops
 
 
 def test_saved_model_takes_uint8_batches_and_matches_keras(exported, model_path):
@@ -163,7 +173,8 @@ def test_benchmark_export_script(exported):
     out, _ = exported
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "benchmark_export.py"),
-                        str(out), "--runs", "100", "--warmup", "2"], check=False,
+                        str(out), "--runs", "100", "--warmup", "2", "--rounds", "1"],
+                       check=False,
                        capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
