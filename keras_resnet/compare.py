@@ -102,7 +102,11 @@ def count_flops(model):
 
 
 def tflite_latency_ms(model, runs):
-    """Median batch-1 latency of the float32 TFLite model (LiteRT, 2 threads)."""
+    """Median batch-1 latency of the float32 TFLite model (LiteRT, 2 threads).
+
+    Direct convolutions as the converter makes them (no Winograd rewrite), so
+    the figure compares architectures, not export tricks.
+    """
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:

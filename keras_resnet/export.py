@@ -6,7 +6,8 @@ model (the ``normalize`` layer that training used), so clients need no
 preprocessing code. Each one is written to a temporary path, loaded back with
 its own runtime (TensorFlow; the LiteRT interpreter from ``ai-edge-litert``),
 compared with the Keras model on held-out images, and only then renamed into
-place.
+place. The float32 TFLite file computes small-map 3x3 convolutions by Winograd
+(:mod:`keras_resnet.winograd`) unless asked not to.
 """
 
 import json
