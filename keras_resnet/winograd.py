@@ -1,13 +1,13 @@
-"""Winograd F(2x2, 3x3) rewrite of 3x3 convolutions for the float TFLite exports.
+"""Winograd F(2x2, 3x3) rewrite of 3x3 convolutions for the float32 TFLite export.
 
 XNNPACK, LiteRT's CPU backend, runs every convolution as a direct (implicit
 GEMM) convolution, and the CIFAR ResNet18 float32 .tflite spends 95 % of its
-time in that one kernel at close to the CPU's peak FLOP rate. Winograd's
+time in that one kernel, at close to the FLOP rate of a large sgemm. Winograd's
 minimal filtering computes a 3x3 convolution with 4 instead of 9
 multiplications per output pixel and channel pair; neither TFLite, the
 converter nor Keras offers it, so :func:`winograd_model` builds it from ops
 every runtime has (a depthwise conv, transposes, one batched matmul, one small
-matmul) and the float TFLite exports use it. Outputs equal the direct
+matmul) and the float32 TFLite export uses it. Outputs equal the direct
 convolution to float32 rounding; every export is checked against Keras anyway.
 
 Only stride-1 "same" 3x3 convs on even feature maps of at most
