@@ -310,11 +310,9 @@ def export(source, output_dir, formats=("saved_model", "tflite_float32"), images
     return report
 
 
-def latency_ms(fn, image, runs, warmup=5, keep_times=False):
-    """Median and p90 wall time (ms) of ``fn(image)`` over ``runs`` calls after ``warmup``.
-
-    ``keep_times`` adds every call's time as ``times_ms``.
-    """
+def latency_ms(fn, image, runs, warmup=5):
+    """Median and p90 wall time (ms) of ``fn(image)`` over ``runs`` calls after
+    ``warmup``, and every call's time (``times_ms``)."""
     import time
 
     for _ in range(warmup):
@@ -324,11 +322,8 @@ def latency_ms(fn, image, runs, warmup=5, keep_times=False):
         start = time.perf_counter()
         fn(image)
         times.append((time.perf_counter() - start) * 1e3)
-    result = {"median_ms": round(float(np.median(times)), 3),
-              "p90_ms": round(float(np.percentile(times, 90)), 3)}
-    if keep_times:
-        result["times_ms"] = times
-    return result
+    return {"median_ms": round(float(np.median(times)), 3),
+            "p90_ms": round(float(np.percentile(times, 90)), 3), "times_ms": times}
 
 
 def _size(path):

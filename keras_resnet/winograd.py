@@ -96,10 +96,11 @@ def _folded(conv, bn):
     bias = np.asarray(conv.bias, np.float32) if conv.use_bias else np.zeros(
         kernel.shape[-1], np.float32)
     if bn is not None:
-        weights = {w.path.rsplit("/", 1)[-1]: np.asarray(w, np.float32) for w in bn.weights}
-        scale = weights.get("gamma", 1.0) / np.sqrt(weights["moving_variance"] + bn.epsilon)
+        gamma = np.asarray(bn.gamma, np.float32) if bn.scale else 1.0
+        beta = np.asarray(bn.beta, np.float32) if bn.center else 0.0
+        scale = gamma / np.sqrt(np.asarray(bn.moving_variance, np.float32) + bn.epsilon)
         kernel = kernel * scale
-        bias = (bias - weights["moving_mean"]) * scale + weights.get("beta", 0.0)
+        bias = (bias - np.asarray(bn.moving_mean, np.float32)) * scale + beta
     return transform_kernel(kernel), bias
 
 

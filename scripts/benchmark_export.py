@@ -31,7 +31,7 @@ def saved_model_child(path, threads, runs, warmup):
 
     runner = SavedModelRunner(path)
     image = np.random.default_rng(0).integers(0, 256, (1, *runner.image_size, 3), np.uint8)
-    print(json.dumps(latency_ms(runner, image, runs, warmup, keep_times=True)["times_ms"]))
+    print(json.dumps(latency_ms(runner, image, runs, warmup)["times_ms"]))
 
 
 def main():
@@ -70,7 +70,7 @@ def main():
             return json.loads(out.stdout.strip().splitlines()[-1])
         model = TFLiteModel(path, num_threads=n)
         image = np.random.default_rng(0).integers(0, 256, (1, *model.image_size, 3), np.uint8)
-        return latency_ms(model, image, args.runs, args.warmup, keep_times=True)["times_ms"]
+        return latency_ms(model, image, args.runs, args.warmup)["times_ms"]
 
     times = {(key, n): [] for key in artifacts for n in threads}
     for _ in range(args.rounds):
