@@ -29,8 +29,18 @@ POOLINGS = (None, "avg", "max")
 # Match PyTorch: BatchNorm2d(eps=1e-5, momentum=0.1) == Keras momentum 0.9.
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9
-# torchvision initialises convs with kaiming_normal_(mode="fan_out", relu).
-CONV_INIT = keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal")
+
+
+def conv_initializer():
+    """torchvision's conv init, ``kaiming_normal_(mode="fan_out", relu)``.
+
+    A new instance per layer: an unseeded Keras initializer fixes its seed
+    when it is created, so one shared instance would give every kernel of a
+    shape the same values. Each instance draws its seed from Python's
+    ``random``, which ``keras.utils.set_random_seed`` seeds: one seed, one
+    model, in every process.
+    """
+    return keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal")
 
 
 def conv_bn(x, filters, kernel_size, stride=1, *, name, index="", groups=1,
@@ -49,7 +59,8 @@ def conv_bn(x, filters, kernel_size, stride=1, *, name, index="", groups=1,
         x = layers.ZeroPadding2D(pad, name=f"{name}_pad{index}")(x)
         padding = "valid"
     x = layers.Conv2D(filters, kernel_size, strides=stride, padding=padding,
-                      groups=groups, use_bias=False, kernel_initializer=CONV_INIT,
+                      groups=groups, use_bias=False,
+                      kernel_initializer=conv_initializer(),
                       name=f"{name}_conv{index}")(x)
     if bn:
         x = batch_norm(x, name=f"{name}_bn{index}", zero_gamma=zero_gamma)
@@ -111,22 +122,28 @@ def bottleneck_block(x, filters, stride=1, *, name, preact=False, avg_down=False
 
 def _residual(x, convs, out_filters, stride, *, name, preact, avg_down,
               zero_init_residual):
-    """Shared body of both blocks: ``convs`` on one path, shortcut on the other."""
+    """Shared body of both blocks: ``convs`` on one path, shortcut on the other.
+
+    v1: conv-BN-ReLU ... conv-BN, add, ReLU. Pre-activation (v2, He et al.
+    2016): BN-ReLU before each conv and nothing after the addition; the
+    identity path carries ``x`` untouched, and only a projection shortcut
+    takes the pre-activated tensor (as timm's ``resnetv2`` and
+    ``keras.applications.ResNet50V2``).
+    """
     needs_projection = stride != 1 or x.shape[-1] != out_filters
-    if preact:
-        x = batch_norm(x, name=f"{name}_preact_bn")
-        x = layers.ReLU(name=f"{name}_preact_relu")(x)
-    skip = (shortcut(x, out_filters, stride, name=name, avg_down=avg_down,
-                     preact=preact) if needs_projection else x)
     y = x
     for i, (filters, kernel, conv_stride, *groups) in enumerate(convs, start=1):
         last = i == len(convs)
-        if preact and i > 1:
-            y = batch_norm(y, name=f"{name}_bn{i - 1}")
-            y = layers.ReLU(name=f"{name}_relu{i - 1}")(y)
+        if preact:
+            y = batch_norm(y, name=f"{name}_bn{i}")
+            y = layers.ReLU(name=f"{name}_relu{i}")(y)
+            if i == 1 and needs_projection:
+                x = y
         y = conv_bn(y, filters, kernel, conv_stride, name=name, index=i,
                     groups=groups[0] if groups else 1, bn=not preact,
                     relu=not (last or preact), zero_gamma=last and zero_init_residual)
+    skip = (shortcut(x, out_filters, stride, name=name, avg_down=avg_down,
+                     preact=preact) if needs_projection else x)
     y = layers.Add(name=f"{name}_add")([skip, y])
     if not preact:
         y = layers.ReLU(name=f"{name}_out")(y)
@@ -141,23 +158,28 @@ def stage(x, block, filters, blocks, stride, *, name, **block_options):
     return x
 
 
-def resnet_stem(x, kind="imagenet", *, width=64, name="stem"):
+def resnet_stem(x, kind="imagenet", *, width=64, preact=False, name="stem"):
     """The layers before the first stage.
 
     - ``"imagenet"``: 7x7/2 conv, 3x3/2 max-pool (ResNet paper, torchvision).
     - ``"cifar"``: one 3x3/1 conv, no pool (32x32 inputs keep their resolution).
     - ``"deep"``: three 3x3 convs (width/2, width/2, width), the first strided,
       then the 3x3/2 max-pool (ResNet-C, as timm's ``resnet*d``).
+
+    With ``preact`` the last stem conv has no BN-ReLU: the first block
+    normalises its input itself (ResNet v2).
     """
     if kind == "cifar":
-        return conv_bn(x, width, 3, 1, name=name, index=1)
+        return conv_bn(x, width, 3, 1, name=name, index=1, bn=not preact, relu=not preact)
     if kind == "imagenet":
-        x = conv_bn(x, width, 7, 2, name=name, index=1)
+        x = conv_bn(x, width, 7, 2, name=name, index=1, bn=not preact, relu=not preact)
     else:
         x = conv_bn(x, width // 2, 3, 2, name=name, index=1)
         x = conv_bn(x, width // 2, 3, 1, name=name, index=2)
-        x = conv_bn(x, width, 3, 1, name=name, index=3)
-    # Zero padding equals PyTorch's -inf padding here: the input is post-ReLU.
+        x = conv_bn(x, width, 3, 1, name=name, index=3, bn=not preact, relu=not preact)
+    # v1: zero padding equals PyTorch's -inf padding, the input being post-ReLU.
+    # v2 pads with zeros too, as keras.applications.ResNet50V2 and timm's
+    # "fixed" stems do.
     x = layers.ZeroPadding2D(1, name=f"{name}_pool_pad")(x)
     return layers.MaxPooling2D(3, strides=2, name=f"{name}_pool")(x)
 
@@ -208,7 +230,7 @@ def build_resnet(depth=18, *, include_top=True, weights=None, input_tensor=None,
                    "base_width": int(base_width * width_multiplier)}
         filters = list(STAGE_FILTERS)
 
-    x = resnet_stem(inputs, stem)
+    x = resnet_stem(inputs, stem, preact=preact)
     for i, (f, n) in enumerate(zip(filters, blocks), start=1):
         x = stage(x, block, f, n, 1 if i == 1 else 2, name=f"stage{i}",
                   preact=preact, avg_down=avg_down,
@@ -246,11 +268,12 @@ def _default_name(depth, stem, preact, avg_down, cardinality, base_width,
         base = f"resnet{depth}"
     if preact:
         base = "preact_" + base
-    if stem == "deep" and avg_down:
-        base += "d"
-    elif stem != "imagenet":
-        base += f"_{stem}"
-    return base
+    # timm's suffixes: "c" deep stem, "d" deep stem + average-pool shortcut.
+    if stem == "deep":
+        return base + ("d" if avg_down else "c")
+    if avg_down:
+        base += "_avgdown"
+    return base if stem == "imagenet" else f"{base}_{stem}"
 
 
 def load_weights(model, path):
@@ -346,3 +369,27 @@ def build_model(name, **kwargs):
         raise ValueError(f"model: got {name!r}; allowed: {', '.join(MODELS)}")
     options = {**MODELS[name], **kwargs}
     return build_resnet(options.pop("depth"), **options)
+
+
+def build_classifier(name="resnet18", *, image_size, num_classes, mean, std,
+                     augmenter=None, **options):
+    """A named variant with its preprocessing inside: float 0..255 images in, logits out.
+
+    The ``normalize`` layer carries the training split's per-channel
+    ``mean`` / ``std`` (0..255 scale), so a saved or exported model needs no
+    preprocessing code outside it.
+
+    Args:
+        name: a name of ``MODELS``; ``options`` (``stem``, ``zero_init_residual``,
+            ...) override its builder options.
+        image_size: (height, width) of the input images.
+        augmenter: optional Keras layer applied first (active in training only),
+            to augment on the accelerator.
+    """
+    inputs = keras.Input((*image_size, 3), name="image")
+    x = augmenter(inputs) if augmenter is not None else inputs
+    x = layers.Normalization(mean=list(mean), variance=[s * s for s in std],
+                             name="normalize")(x)
+    backbone = build_model(name, input_tensor=x, classes=num_classes,
+                           classifier_activation=None, **options)
+    return keras.Model(inputs, backbone.output, name=backbone.name)

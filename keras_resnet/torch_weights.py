@@ -1,56 +1,94 @@
-"""Load a torchvision ResNet ``state_dict`` into a model of this package.
+"""Load a PyTorch ResNet ``state_dict`` (torchvision or timm layout) into our models.
 
-Only NumPy is needed: pass ``{key: tensor.numpy()}``. The key layout is
-torchvision's (``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer1.0.downsample.0``,
-``fc``); our layer names are derived from it one to one.
+Only NumPy is needed: pass ``{key: tensor.numpy()}``. Three key layouts map one
+to one onto our layer names:
+
+- torchvision ``resnet*`` / ``resnext*`` / ``wide_resnet*`` (``conv1``, ``bn1``,
+  ``layer1.0.conv1``, ``layer1.0.downsample.0``, ``fc``);
+- timm ``resnet*d`` (the same, with the deep stem ``conv1.0`` / ``.1`` / ``.3`` /
+  ``.4`` / ``.6`` and the ResNet-D shortcut ``downsample.1`` (conv) /
+  ``downsample.2`` (BN) behind its average pool);
+- timm ``resnetv2`` pre-activation models (``stem.conv``,
+  ``stages.0.blocks.0.norm1``, ``.conv1``, ``.downsample.conv``, ``norm``,
+  ``head.fc``).
 """
 
 import re
 
 import numpy as np
 
-_BLOCK_KEY = re.compile(r"layer(\d+)\.(\d+)\.(conv\d|bn\d|downsample\.[01])$")
+_V1_BLOCK = re.compile(r"layer(\d+)\.(\d+)\.(conv\d|bn\d|downsample\.[012])$")
+_V2_BLOCK = re.compile(r"stages\.(\d+)\.blocks\.(\d+)\.(conv\d|norm\d|downsample\.conv)$")
+# timm's deep stem: Sequential(conv, bn, relu, conv, bn, relu, conv), then bn1.
+_DEEP_STEM = {"conv1.0": "stem_conv1", "conv1.1": "stem_bn1", "conv1.3": "stem_conv2",
+              "conv1.4": "stem_bn2", "conv1.6": "stem_conv3", "bn1": "stem_bn3"}
+_V2_TOP = {"stem.conv": "stem_conv1", "norm": "post_bn", "head.fc": "predictions"}
 
 
-def torch_to_keras_name(module):
-    """Map a torchvision module path (``layer2.0.downsample.0``) to a layer name."""
+def torch_to_keras_name(module, *, deep_stem=False, avg_down=False):
+    """Map a PyTorch module path (``layer2.0.downsample.0``) to our layer name.
+
+    Args:
+        deep_stem: the state dict has timm's deep stem (``conv1.0`` ...).
+        avg_down: its shortcuts are ResNet-D (``downsample.0`` is the pool).
+    """
+    if deep_stem and module in _DEEP_STEM:
+        return _DEEP_STEM[module]
     if module in ("conv1", "bn1"):
         return f"stem_{module}"
     if module == "fc":
         return "predictions"
-    match = _BLOCK_KEY.match(module)
-    if not match:
-        raise ValueError(f"state_dict: unknown torchvision module {module!r}")
-    stage_index, block, part = match.groups()
-    part = {"downsample.0": "down_conv", "downsample.1": "down_bn"}.get(part, part)
-    return f"stage{stage_index}_block{int(block) + 1}_{part}"
+    if module in _V2_TOP:
+        return _V2_TOP[module]
+    stem = re.fullmatch(r"stem\.(conv|norm)(\d)", module)
+    if stem:
+        return f"stem_{'bn' if stem[1] == 'norm' else 'conv'}{stem[2]}"
+    match = _V1_BLOCK.match(module)
+    if match:
+        stage_index, block, part = match.groups()
+        downsample = ({"downsample.1": "down_conv", "downsample.2": "down_bn"} if avg_down
+                      else {"downsample.0": "down_conv", "downsample.1": "down_bn"})
+        part = downsample.get(part, part)
+        return f"stage{stage_index}_block{int(block) + 1}_{part}"
+    match = _V2_BLOCK.match(module)
+    if match:
+        stage_index, block, part = match.groups()
+        part = part.replace("norm", "bn").replace("downsample.conv", "down_conv")
+        return f"stage{int(stage_index) + 1}_block{int(block) + 1}_{part}"
+    raise ValueError(f"state_dict: unknown ResNet module {module!r}")
 
 
 def load_torch_state_dict(model, state_dict):
-    """Copy torchvision ResNet weights (NumPy arrays) into ``model``.
+    """Copy PyTorch ResNet weights (NumPy arrays) into ``model``.
 
     Raises:
         ValueError: a key has no layer in ``model``, a shape does not fit, or a
             layer of ``model`` with weights got none.
     """
+    deep_stem = "conv1.0.weight" in state_dict
+    avg_down = any(re.search(r"\.downsample\.2\.", k) for k in state_dict)
     grouped = {}
     for key, value in state_dict.items():
         module, _, param = key.rpartition(".")
         if param == "num_batches_tracked":
             continue
-        grouped.setdefault(torch_to_keras_name(module), {})[param] = np.asarray(value)
+        name = torch_to_keras_name(module, deep_stem=deep_stem, avg_down=avg_down)
+        grouped.setdefault(name, {})[param] = np.asarray(value)
     for layer in model.layers:
         if not layer.weights:
             continue
         if layer.name not in grouped:
             raise ValueError(f"state_dict: no weights for layer {layer.name!r}")
         p = grouped.pop(layer.name)
+        weight = p["weight"]
         if "running_mean" in p:
-            values = [p["weight"], p["bias"], p["running_mean"], p["running_var"]]
-        elif p["weight"].ndim == 4:  # (out, in, kh, kw) -> (kh, kw, in, out)
-            values = [p["weight"].transpose(2, 3, 1, 0)]
-        else:  # Linear: (out, in) -> (in, out)
-            values = [p["weight"].T, p["bias"]]
+            values = [weight, p["bias"], p["running_mean"], p["running_var"]]
+        elif layer.__class__.__name__ == "Dense":
+            if weight.ndim == 4:  # timm resnetv2's head is a 1x1 conv
+                weight = weight[:, :, 0, 0]
+            values = [weight.T, p["bias"]]  # (out, in) -> (in, out)
+        else:  # (out, in, kh, kw) -> (kh, kw, in, out)
+            values = [weight.transpose(2, 3, 1, 0)] + ([p["bias"]] if "bias" in p else [])
         expected = [tuple(w.shape) for w in layer.weights]
         if [v.shape for v in values] != expected:
             raise ValueError(f"state_dict: shapes {[v.shape for v in values]} do not "

@@ -1,22 +1,19 @@
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(__file__))  # tests import helpers / torch_reference
+
+import keras  # noqa: E402
+import pytest  # noqa: E402
 
 
-def random_batchnorm_statistics(model, seed=0):
-    """Give every BatchNorm non-trivial statistics, gamma and beta, so that an
-    exported or rewritten graph has something to get wrong. (Gammas are
-    non-zero: zero-init residual gammas fold into all-zero kernels, which the
-    TFLite converter stores only once.)"""
-    import keras
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            n = layer.moving_mean.shape[0]
-            layer.moving_mean.assign(rng.normal(0, 0.1, n).astype("float32"))
-            layer.moving_variance.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
-            layer.gamma.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
-            layer.beta.assign(rng.normal(0, 0.1, n).astype("float32"))
-    return model
+@pytest.fixture(autouse=True)
+def fresh_keras_state():
+    """Every test starts from seed 0 and the float32 policy, and leaves them so:
+    results do not depend on which tests ran before."""
+    keras.config.set_dtype_policy("float32")
+    keras.utils.set_random_seed(0)
+    yield
+    keras.config.set_dtype_policy("float32")
+    keras.utils.clear_session()
