@@ -2,7 +2,6 @@ import numpy as np
 import pytest
 
 import keras_resnet as kr
-from keras_resnet.torch_weights import load_torch_state_dict
 
 
 def trainable_count(model):

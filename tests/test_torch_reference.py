@@ -40,7 +40,7 @@ def test_reference_weights_give_reference_logits(name, stem, size):
 def test_preact_differs_from_the_old_activated_shortcut():
     """The v2 reference disagrees with a model whose identity path is pre-activated:
     the test above would catch the old defect."""
-    state, x, expected = reference_logits(kr.MODELS["preact_resnet18"], "cifar", 32, 1)
+    state, x, _ = reference_logits(kr.MODELS["preact_resnet18"], "cifar", 32, 1)
     model = kr.build_model("preact_resnet18", input_shape=(32, 32, 3), classes=10,
                            stem="cifar", classifier_activation=None)
     load_torch_state_dict(model, state)
