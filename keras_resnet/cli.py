@@ -26,22 +26,28 @@ def demo_main(argv=None):
 
 
 def _config_parser(cls, description):
-    """argparse flags generated from the fields of a config dataclass."""
+    """argparse flags generated from the fields of a config dataclass.
+
+    Flags have no argparse default (``SUPPRESS``): only the flags a user typed
+    appear in the parsed namespace, so a typed flag wins even when its value
+    equals the field's default. The help text shows each field's default.
+    """
     import dataclasses
     import typing
 
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description)
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         flag = "--" + field.name.replace("_", "-")
         kind = hints[field.name]
+        help_text = f"default: {field.default}"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction,
-                                default=field.default)
+                                default=argparse.SUPPRESS, help=help_text)
         else:
             base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
-            parser.add_argument(flag, type=base, default=field.default, metavar=field.name.upper())
+            parser.add_argument(flag, type=base, default=argparse.SUPPRESS,
+                                metavar=field.name.upper(), help=help_text)
     return parser
 
 
@@ -52,33 +58,58 @@ def _fail(message):
     raise SystemExit(2)
 
 
-def train_main(argv=None):
-    """Train a ResNet on CIFAR-10 (tfds or an image folder); resumable."""
+PRESETS = ("recipe", "baseline", "smoke")
+
+
+def resolve_train_config(argv=None):
+    """The ``TrainConfig`` of a command line: preset < ``--config`` file < typed flags.
+
+    Raises:
+        ValueError: the ``--config`` file cannot be read, is not a JSON object,
+            or names a key that is not a config field.
+    """
     import dataclasses
     import json
 
     from keras_resnet import training
 
     parser = _config_parser(training.TrainConfig, train_main.__doc__)
-    parser.add_argument("--preset", choices=["recipe", "baseline", "smoke"], default="recipe",
-                        help="starting point; flags given explicitly override it")
-    parser.add_argument("--config", help="JSON file of config fields (flags override it)")
-    args = parser.parse_args(argv)
-    base = {"recipe": training.TrainConfig, "baseline": training.baseline_config,
-            "smoke": training.smoke_config}[args.preset]()
-    values = dataclasses.asdict(base)
-    if args.config:
+    parser.add_argument("--preset", choices=PRESETS, default="recipe",
+                        help="starting point (default: recipe); --config and typed flags "
+                        "override it")
+    parser.add_argument("--config", help="JSON file of config fields; overrides the preset, "
+                        "typed flags override it")
+    args = vars(parser.parse_args(argv))
+    preset, config_file = args.pop("preset"), args.pop("config")
+    values = dataclasses.asdict({"recipe": training.TrainConfig,
+                                 "baseline": training.baseline_config,
+                                 "smoke": training.smoke_config}[preset]())
+    if config_file:
         try:
-            with open(args.config) as f:
-                values.update(json.load(f))
+            with open(config_file) as f:
+                from_file = json.load(f)
         except (OSError, ValueError) as e:
-            _fail(f"--config: cannot read {args.config!r}: {e}")
-    defaults = vars(parser.parse_args([]))
-    for key, value in vars(args).items():
-        if key in values and value != defaults[key]:
-            values[key] = value
+            raise ValueError(f"--config: cannot read {config_file!r}: {e}") from None
+        if not isinstance(from_file, dict):
+            raise ValueError(f"--config: {config_file!r} must hold a JSON object of config "
+                             "fields")
+        unknown = sorted(set(from_file) - set(values))
+        if unknown:
+            raise ValueError(f"--config: unknown key(s) {', '.join(map(repr, unknown))} in "
+                             f"{config_file!r}; allowed: {', '.join(values)}")
+        values.update(from_file)
+    values.update(args)  # only the flags the user typed are in args
+    return training.TrainConfig(**values)
+
+
+def train_main(argv=None):
+    """Train a ResNet on CIFAR-10 (tfds or an image folder); resumable."""
+    import json
+
+    from keras_resnet import training
+
     try:
-        config = training.TrainConfig(**values)
+        config = resolve_train_config(argv)
         config.validate()
         report = training.train(config)
     except (ValueError, TypeError) as e:
@@ -99,22 +130,23 @@ def export_main(argv=None):
     """Export a trained model to SavedModel / TFLite and check every artifact."""
     import json
 
-    from keras_resnet import data, export
+    from keras_resnet import data, export, predict
 
     parser = argparse.ArgumentParser(description=export_main.__doc__)
     parser.add_argument("source", help="a .keras file or a training run directory")
     parser.add_argument("--output-dir", help="default: saved_models/<name>")
-    parser.add_argument("--formats", help=f"comma-separated, of: {', '.join(export.FORMATS)}"
-                        "; default: all of them (all but tflite_int8 without --data-dir)")
+    parser.add_argument("--formats", help="comma-separated, of: "
+                        f"{', '.join(export.ALL_FORMATS)}; default: {', '.join(export.FORMATS)}"
+                        " (tflite_int8 only with --data-dir)")
     parser.add_argument("--data-dir", help="image folder root/<split>/<class>/*: held-out "
                         "images for the checks (test split) and calibration (train split)")
     parser.add_argument("--calibration-images", type=int, default=300)
     parser.add_argument("--check-images", type=int, default=1000)
     parser.add_argument("--int8-io", choices=["uint8", "int8"], default="uint8",
                         help="input / output type of the full-integer model")
-    parser.add_argument("--no-winograd", dest="winograd", action="store_false",
-                        help="tflite_float32 with direct convolutions only (smaller file, "
-                        "slower on CPUs)")
+    parser.add_argument("--winograd", action="store_true",
+                        help=f"also write {export.ARTIFACT_NAMES[export.WINOGRAD]}: float32 "
+                        "with Winograd 3x3 convs (faster on x86 CPUs, 1.67x the file size)")
     args = parser.parse_args(argv)
     if args.formats is None:
         formats = [f for f in export.FORMATS if args.data_dir or f != "tflite_int8"]
@@ -122,27 +154,29 @@ def export_main(argv=None):
             print("note: tflite_int8 skipped: it needs --data-dir for calibration")
     else:
         formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    if args.winograd and export.WINOGRAD not in formats:
+        formats.append(export.WINOGRAD)
     try:
-        bad = [f for f in formats if f not in export.FORMATS]
+        bad = [f for f in formats if f not in export.ALL_FORMATS]
         if bad or not formats:
             raise ValueError(f"--formats: got {bad or args.formats!r}; allowed: "
-                             f"{', '.join(export.FORMATS)}")
+                             f"{', '.join(export.ALL_FORMATS)}")
         if "tflite_int8" in formats and not args.data_dir:
             raise ValueError("--formats tflite_int8 needs calibration images: pass "
                              "--data-dir (an image folder with a train/ split)")
         for name in ("calibration_images", "check_images"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}: must be >= 1")
-        model, _model_path = export.load_source(args.source)
+        model, _model_path = predict.load_source(args.source)
         name = model.name
         output_dir = args.output_dir or os.path.join("saved_models", name)
         images = labels = calibration = None
         class_names = None
         if args.data_dir:
-            splits = data.load_splits(image_folder=args.data_dir, validation_size=0,
+            splits = data.load_splits(data_dir=args.data_dir, validation_size=0,
                                       max_train_images=args.calibration_images,
                                       max_eval_images=args.check_images,
-                                      image_size=export.input_size(model))
+                                      image_size=predict.input_size(model))
             held_out = splits.test if splits.test is not None else splits.validation
             if held_out is None:
                 raise ValueError(f"--data-dir: {args.data_dir!r} has no test/ or val/ split "
@@ -152,7 +186,7 @@ def export_main(argv=None):
             class_names = splits.class_names
         report = export.export(args.source, output_dir, formats, images=images, labels=labels,
                                calibration=calibration, int8_io=args.int8_io,
-                               class_names=class_names, winograd=args.winograd)
+                               class_names=class_names)
     except ValueError as e:
         _fail(str(e))
     print(f"{'artifact':22} {'size MB':>8} {'max|dp|':>9} {'agree':>6} {'top1':>6} "
@@ -162,10 +196,9 @@ def export_main(argv=None):
               f"{r['top1_agreement']:6.3f} {r['top1_accuracy']:6.3f} "
               f"{r['keras_top1_accuracy']:6.3f}  {'ok' if r['passed'] else 'MISSED'}: "
               f"{r['target']}")
-    rewritten = report["artifacts"].get("tflite_float32", {}).get("winograd_convs")
+    rewritten = report["artifacts"].get(export.WINOGRAD, {}).get("winograd_convs")
     if rewritten:
-        print(f"tflite_float32: {len(rewritten)} 3x3 convs computed by Winograd "
-              "(--no-winograd: direct convs, smaller file)")
+        print(f"{export.WINOGRAD}: {len(rewritten)} 3x3 convs computed by Winograd")
     print(f"report: {os.path.join(output_dir, 'export_report.json')}")
     print(json.dumps({fmt: r["path"] for fmt, r in report["artifacts"].items()}))
 
@@ -177,7 +210,7 @@ def predict_main(argv=None):
     import numpy as np
     import tensorflow as tf
 
-    from keras_resnet import data, export
+    from keras_resnet import data, predict
 
     parser = argparse.ArgumentParser(description=predict_main.__doc__)
     parser.add_argument("model", help=".keras file, run directory, SavedModel directory "
@@ -207,7 +240,7 @@ def predict_main(argv=None):
             raise ValueError(f"PATH: not a readable image: {', '.join(unreadable[:5])}"
                              + (f" and {len(unreadable) - 5} more" if len(unreadable) > 5
                                 else ""))
-        predictor, size, names = export.load_predictor(args.model)
+        predictor, size, names = predict.load_predictor(args.model)
     except ValueError as e:
         _fail(str(e))
     k = min(args.top_k, 1000)

@@ -15,7 +15,10 @@ import numpy as np
 import tensorflow as tf
 
 from keras_resnet import data as data_lib
-from keras_resnet import export, training
+from keras_resnet import export
+from keras_resnet.benchmark import latency_ms
+from keras_resnet.model import build_classifier
+from keras_resnet.predict import TFLiteModel
 
 RESNETS = ("resnet18", "resnet34", "resnet50")
 APPLICATIONS = {
@@ -69,8 +72,8 @@ def small_cnn(x, classes):
 def build_candidate(name, image_size, classes, mean, std):
     """A candidate model: normalisation inside, logits out, fresh head."""
     if name in RESNETS:
-        return training.build_classifier(training.TrainConfig(model=name, stem="cifar"),
-                                         image_size, classes, mean, std)
+        return build_classifier(name, image_size=image_size, num_classes=classes, mean=mean,
+                                std=std, stem="cifar", zero_init_residual=True)
     inputs = keras.Input((*image_size, 3), name="image")
     x = keras.layers.Normalization(mean=list(mean), variance=[s * s for s in std],
                                    name="normalize")(inputs)
@@ -84,15 +87,11 @@ def build_candidate(name, image_size, classes, mean, std):
 
 
 def count_flops(model):
-    """FLOPs of one image's forward pass, counted by TF's profiler on the frozen graph
-    (a multiply-add counts 2)."""
-    from tensorflow.python.framework.convert_to_constants import (
-        convert_variables_to_constants_v2,
-    )
-
+    """FLOPs of one image's forward pass, counted by TF's profiler on the traced graph
+    (a multiply-add counts 2). The profiler has only a v1 API; it reads the shapes of
+    the graph's ops, so the variables need not be frozen."""
     spec = tf.TensorSpec((1, *model.input_shape[1:]), tf.float32)
-    fn = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)
-    graph = convert_variables_to_constants_v2(fn).graph
+    graph = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec).graph
     options = (tf.compat.v1.profiler.ProfileOptionBuilder(
         tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()).with_empty_output()
         .build())
@@ -113,9 +112,9 @@ def tflite_latency_ms(model, runs):
         path = os.path.join(tmp, "m.tflite")
         with open(path, "wb") as f:
             f.write(export.convert_tflite(model, "tflite_float32"))
-        runner = export.TFLiteModel(path, num_threads=2)
+        runner = TFLiteModel(path, num_threads=2)
         image = np.zeros((1, *runner.image_size, 3), np.uint8)
-        return export.latency_ms(runner, image, runs)["median_ms"]
+        return latency_ms(runner, image, runs)["median_ms"]
 
 
 def measure(name, splits, config):
@@ -206,7 +205,7 @@ def compare(config):
     """Measure every model of ``config.models``; writes CSV, Markdown and PNGs."""
     config.validate()
     os.makedirs(config.output_dir, exist_ok=True)
-    splits = data_lib.load_splits("cifar10", image_folder=config.data_dir,
+    splits = data_lib.load_splits("cifar10", data_dir=config.data_dir,
                                   validation_size=0, max_train_images=config.train_images,
                                   max_eval_images=config.eval_images, seed=config.seed)
     if splits.test is None:

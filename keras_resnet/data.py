@@ -3,7 +3,7 @@
 Sources give unbatched ``(uint8 image, int label)`` datasets, decoded once and
 cached; ``make_train_dataset`` then shuffles (seeded), augments, batches and
 prefetches. Images stay in 0..255: normalisation lives in the model (see
-``keras_resnet.training.build_classifier``), so a served model sees exactly
+``keras_resnet.model.build_classifier``), so a served model sees exactly
 what training saw.
 """
 
@@ -18,7 +18,7 @@ import tensorflow as tf
 
 AUTOTUNE = tf.data.AUTOTUNE
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
-TFDS_DATASETS = {"cifar10": 10, "cifar100": 100}
+TFDS_DATASETS = ("cifar10", "cifar100")
 # Known per-channel statistics (0..255 scale) of the official training splits.
 KNOWN_STATS = {
     "cifar10": ((125.31, 122.95, 113.87), (62.99, 62.09, 66.70)),
@@ -81,15 +81,17 @@ class AugmentConfig:
 # ----------------------------------------------------------------------------- sources
 
 
-def load_splits(dataset="cifar10", *, image_folder=None, data_dir=None,
+def load_splits(dataset="cifar10", *, data_dir=None, tfds_data_dir=None,
                 validation_size=5000, max_train_images=None, max_eval_images=None,
                 image_size=None, seed=0):
     """Load train / validation / test splits from tfds or an image folder.
 
     Args:
-        dataset: tfds name ("cifar10" or "cifar100"); ignored with ``image_folder``.
-        image_folder: ``root`` laid out ``root/<split>/<class>/*.jpg|png``.
-        data_dir: tfds data directory (default: ``TFDS_DATA_DIR`` or ~/tensorflow_datasets).
+        dataset: tfds name ("cifar10" or "cifar100"); ignored with ``data_dir``.
+        data_dir: an image folder ``root`` laid out ``root/<split>/<class>/*.jpg|png``
+            (the one meaning of ``data_dir`` in this package); None = tfds.
+        tfds_data_dir: tfds data directory (default: ``TFDS_DATA_DIR`` or
+            ~/tensorflow_datasets).
         validation_size: images carved from the training split for validation
             (a ``root/val`` folder is used instead when present); 0 = none.
         max_train_images, max_eval_images: use subsets (a seeded choice for
@@ -107,10 +109,10 @@ def load_splits(dataset="cifar10", *, image_folder=None, data_dir=None,
                         ("max_eval_images", max_eval_images)):
         if value is not None and value < 1:
             raise ValueError(f"{name}: got {value}; must be >= 1 or None")
-    if image_folder is not None:
-        return _folder_splits(image_folder, validation_size, max_train_images,
+    if data_dir is not None:
+        return _folder_splits(data_dir, validation_size, max_train_images,
                               max_eval_images, image_size, seed)
-    return _tfds_splits(dataset, data_dir, validation_size, max_train_images,
+    return _tfds_splits(dataset, tfds_data_dir, validation_size, max_train_images,
                         max_eval_images)
 
 
@@ -133,10 +135,10 @@ def _tfds_splits(dataset, data_dir, validation_size, max_train, max_eval):
         try:
             # download=False: these machines have no network, and tfds would
             # retry a download for minutes before failing.
-            ds = tfds.load(dataset, split=split, data_dir=data_dir, as_supervised=True,
-                           download=False)
+            ds, info = tfds.load(dataset, split=split, data_dir=data_dir,
+                                 as_supervised=True, download=False, with_info=True)
         except (AssertionError, tfds.core.registered.DatasetNotFoundError, OSError) as e:
-            where = data_dir or "~/tensorflow_datasets (set TFDS_DATA_DIR or --data-dir)"
+            where = data_dir or "~/tensorflow_datasets (set TFDS_DATA_DIR or --tfds-data-dir)"
             raise DataError(
                 f"tensorflow-datasets {dataset!r} is not prepared in {where}, and it "
                 "cannot be downloaded here. Either prepare it on a machine with network "
@@ -145,28 +147,14 @@ def _tfds_splits(dataset, data_dir, validation_size, max_train, max_eval):
                 f"root/train/<class>/*.jpg (e.g. ../shared/data/cifar10-jpeg). ({e})"
             ) from None
         limit = max_train if key == "train" else max_eval
-        loaded[key] = (ds.take(limit) if limit else ds).map(
-            lambda x, y: (x, tf.cast(y, tf.int32)))
-    counts = {k: _count(v) for k, v in loaded.items()}
+        ds = (ds.take(limit) if limit else ds).map(lambda x, y: (x, tf.cast(y, tf.int32)))
+        # tfds knows the size of every split and slice it reads (from its info).
+        loaded[key] = ds.cache(), int(ds.cardinality())
     mean, std = KNOWN_STATS[dataset]
-    names = [str(i) for i in range(TFDS_DATASETS[dataset])]
-    if dataset == "cifar10":
-        names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                 "ship", "truck"]
-    return Splits(loaded["train"].cache(), _cache(loaded["validation"]),
-                  loaded["test"].cache(), names, (32, 32), mean, std,
-                  counts["train"], counts["validation"], counts["test"])
-
-
-def _count(ds):
-    if ds is None:
-        return 0
-    n = int(ds.cardinality())
-    return n if n >= 0 else int(ds.reduce(0, lambda c, _: c + 1))
-
-
-def _cache(ds):
-    return None if ds is None else ds.cache()
+    (train, num_train), (test, num_test) = loaded["train"], loaded["test"]
+    validation, num_validation = loaded["validation"] or (None, 0)
+    return Splits(train, validation, test, list(info.features["label"].names), (32, 32),
+                  mean, std, num_train, num_validation, num_test)
 
 
 def list_image_folder(split_dir, class_names=None):

@@ -6,8 +6,10 @@ model (the ``normalize`` layer that training used), so clients need no
 preprocessing code. Each one is written to a temporary path, loaded back with
 its own runtime (TensorFlow; the LiteRT interpreter from ``ai-edge-litert``),
 compared with the Keras model on held-out images, and only then renamed into
-place. The float32 TFLite file computes small-map 3x3 convolutions by Winograd
-(:mod:`keras_resnet.winograd`) unless asked not to.
+place. ``tflite_float32`` keeps the converter's direct convolutions; the opt-in
+``tflite_float32_winograd`` computes small-map 3x3 convolutions by Winograd
+(:mod:`keras_resnet.winograd`): faster on x86 CPUs, a 1.67x larger file
+(docs/benchmarks.md).
 """
 
 import json
@@ -19,80 +21,30 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_resnet.predict import (
+    SavedModelRunner,
+    TFLiteModel,
+    input_size,
+    load_source,
+    probability_fn,
+    read_labels,
+)
 from keras_resnet.winograd import winograd_model
 
+# The formats exported by default (tflite_int8 when calibration images are given).
 FORMATS = ("saved_model", "tflite_float32", "tflite_float16", "tflite_dynamic_int8",
            "tflite_int8")
+# Opt-in: float32 with Winograd 3x3 convs; a separately named, larger file.
+WINOGRAD = "tflite_float32_winograd"
+ALL_FORMATS = (*FORMATS, WINOGRAD)
 ARTIFACT_NAMES = {"saved_model": "saved_model", "tflite_float32": "model_float32.tflite",
                   "tflite_float16": "model_float16.tflite",
                   "tflite_dynamic_int8": "model_dynamic_int8.tflite",
-                  "tflite_int8": "model_int8.tflite"}
+                  "tflite_int8": "model_int8.tflite",
+                  WINOGRAD: "model_float32_winograd.tflite"}
 # Exact-equivalence targets (max |dprob|); int8 targets an accuracy loss instead.
-MAX_ABS_DIFF = {"saved_model": 1e-4, "tflite_float32": 1e-4}
+MAX_ABS_DIFF = {"saved_model": 1e-4, "tflite_float32": 1e-4, WINOGRAD: 1e-4}
 MAX_INT8_ACCURACY_DROP = 0.005
-
-
-def load_source(source):
-    """A ``.keras`` file, or a training run directory (its ``best.keras``)."""
-    path = os.path.join(source, "best.keras") if os.path.isdir(source) else source
-    if not os.path.isfile(path):
-        raise ValueError(f"SOURCE: {source!r} is neither a .keras file nor a run directory "
-                         "holding best.keras")
-    try:
-        model = keras.saving.load_model(path, compile=False)
-    except (ValueError, OSError, KeyError, TypeError) as e:
-        raise ValueError(f"SOURCE: {path!r} is not a Keras model file ({e})") from None
-    return as_float32(model), path
-
-
-def as_float32(model):
-    """The model computing in float32, whatever precision it was trained in.
-
-    A mixed-precision model keeps float32 weights but computes in bfloat16 /
-    float16; artifacts, and the checks that compare them with Keras, want the
-    float32 computation: the model is cloned with every layer's dtype policy
-    set to float32 and given the same weights.
-    """
-    if all(layer.dtype_policy.name == "float32" for layer in model.layers):
-        return model
-    clone = keras.models.clone_model(
-        model, recursive=True,
-        clone_function=lambda layer: layer.__class__.from_config(
-            {**layer.get_config(), "dtype": "float32"}))
-    clone.set_weights(model.get_weights())
-    return clone
-
-
-def read_labels(model_path):
-    """Class names from ``labels.txt`` beside a model (training and export write it)."""
-    folder = model_path if os.path.isdir(model_path) else os.path.dirname(model_path)
-    path = os.path.join(folder, "labels.txt")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return [line.rstrip("\n") for line in f if line.strip()]
-
-
-def ends_in_softmax(model):
-    return getattr(model.layers[-1], "activation", None) is keras.activations.softmax
-
-
-def probability_fn(model):
-    """uint8 images -> float32 class probabilities (adds softmax to a logits model)."""
-    softmax = not ends_in_softmax(model)
-
-    def fn(images):
-        out = tf.cast(model(tf.cast(images, tf.float32), training=False), tf.float32)
-        return tf.nn.softmax(out) if softmax else out
-
-    return fn
-
-
-def input_size(model):
-    h, w = model.input_shape[1:3]
-    if h is None or w is None:
-        raise ValueError("SOURCE: the model's input height and width must be fixed to export")
-    return int(h), int(w)
 
 
 def write_saved_model(model, path):
@@ -136,7 +88,7 @@ def convert_tflite(model, fmt, calibration=None, int8_io="uint8"):
 
 
 def _convert(converter, fmt, calibration, int8_io, h, w):
-    if fmt != "tflite_float32":
+    if fmt not in ("tflite_float32", WINOGRAD):
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if fmt == "tflite_float16":
         converter.target_spec.supported_types = [tf.float16]
@@ -158,60 +110,6 @@ def _convert(converter, fmt, calibration, int8_io, h, w):
         converter.inference_input_type = io_type
         converter.inference_output_type = io_type
     return converter.convert()
-
-
-class TFLiteModel:
-    """A .tflite file run with the LiteRT interpreter: uint8 images -> probabilities."""
-
-    def __init__(self, path, num_threads=None):
-        from ai_edge_litert.interpreter import Interpreter
-
-        self.interpreter = Interpreter(model_path=os.fspath(path), num_threads=num_threads)
-        self.interpreter.allocate_tensors()
-        self.input = self.interpreter.get_input_details()[0]
-        self.output = self.interpreter.get_output_details()[0]
-        self.image_size = tuple(int(s) for s in self.input["shape"][1:3])
-
-    def invoke(self, batch):
-        """Run one batch-1 tensor of exactly the model's input dtype."""
-        if batch.dtype != self.input["dtype"]:
-            raise ValueError(f"input dtype {batch.dtype} does not match the model's "
-                             f"{np.dtype(self.input['dtype']).name} input")
-        self.interpreter.set_tensor(self.input["index"], batch)
-        self.interpreter.invoke()
-        return self.interpreter.get_tensor(self.output["index"])
-
-    def __call__(self, images):
-        """uint8 (N, H, W, 3) -> float32 probabilities (N, classes)."""
-        images = np.asarray(images)
-        if images.dtype != np.uint8:
-            raise ValueError(f"images: expected uint8 pixels, got {images.dtype}")
-        out = []
-        for image in images:
-            x = image[None]
-            scale, zero = self.input["quantization"]
-            if scale:  # a quantised float input (full-integer model)
-                info = np.iinfo(self.input["dtype"])
-                x = np.clip(np.round(x.astype(np.float32) / scale + zero), info.min, info.max)
-            x = x.astype(self.input["dtype"])
-            y = self.invoke(x)
-            o_scale, o_zero = self.output["quantization"]
-            if self.output["dtype"] != np.float32:
-                y = (y.astype(np.float32) - o_zero) * o_scale
-            out.append(y[0])
-        return np.stack(out).astype(np.float32)
-
-
-class SavedModelRunner:
-    """A SavedModel's serving signature: uint8 images -> probabilities."""
-
-    def __init__(self, path):
-        self.fn = tf.saved_model.load(os.fspath(path)).signatures["serving_default"]
-        self.image_size = tuple(int(s) for s in self.fn.structured_input_signature[1]
-                                ["images"].shape[1:3])
-
-    def __call__(self, images):
-        return self.fn(images=tf.constant(images, tf.uint8))["probabilities"].numpy()
 
 
 def compare(probs, reference, labels):
@@ -236,12 +134,12 @@ def check(fmt, figures):
 
 
 def export(source, output_dir, formats=("saved_model", "tflite_float32"), images=None,
-           labels=None, calibration=None, int8_io="uint8", class_names=None, winograd=True):
+           labels=None, calibration=None, int8_io="uint8", class_names=None):
     """Export ``source`` to ``formats`` under ``output_dir``; returns the report.
 
     Args:
-        winograd: compute the small-map 3x3 convs of ``tflite_float32`` by
-            Winograd (:mod:`keras_resnet.winograd`): faster on CPUs, larger file.
+        formats: of ``ALL_FORMATS``; ``tflite_float32_winograd`` is the opt-in
+            Winograd variant of ``tflite_float32``.
         images, labels: held-out uint8 images (N, H, W, 3) and int labels to check
             each artifact on; without them a few random images are used (no
             accuracy figures).
@@ -252,9 +150,9 @@ def export(source, output_dir, formats=("saved_model", "tflite_float32"), images
             does not reproduce the Keras model (nothing is left at its path).
     """
     formats = list(formats)
-    bad = [f for f in formats if f not in FORMATS]
+    bad = [f for f in formats if f not in ALL_FORMATS]
     if bad or not formats:
-        raise ValueError(f"formats: got {bad or formats}; allowed: {', '.join(FORMATS)}")
+        raise ValueError(f"formats: got {bad or formats}; allowed: {', '.join(ALL_FORMATS)}")
     if int8_io not in ("uint8", "int8"):
         raise ValueError(f"int8_io: got {int8_io!r}; allowed: uint8, int8")
     if "tflite_int8" in formats and calibration is None:
@@ -284,13 +182,13 @@ def export(source, output_dir, formats=("saved_model", "tflite_float32"), images
                 runner = SavedModelRunner(staged)
             else:
                 source_model, rewritten = model, []
-                if fmt == "tflite_float32" and winograd:
+                if fmt == WINOGRAD:
                     source_model, rewritten = winograd_model(model)
                 with open(staged, "wb") as f:
                     f.write(convert_tflite(source_model, fmt, calibration, int8_io))
                 runner = TFLiteModel(staged)
             figures = compare(runner(images), reference, labels)
-            if fmt == "tflite_float32":
+            if fmt == WINOGRAD:
                 figures["winograd_convs"] = rewritten
             passed, target = check(fmt, figures)
             figures.update(passed=passed, target=target, path=final,
@@ -310,22 +208,6 @@ def export(source, output_dir, formats=("saved_model", "tflite_float32"), images
     return report
 
 
-def latency_ms(fn, image, runs, warmup=5):
-    """Median and p90 wall time (ms) of ``fn(image)`` over ``runs`` calls after
-    ``warmup``, and every call's time (``times_ms``)."""
-    import time
-
-    for _ in range(warmup):
-        fn(image)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn(image)
-        times.append((time.perf_counter() - start) * 1e3)
-    return {"median_ms": round(float(np.median(times)), 3),
-            "p90_ms": round(float(np.percentile(times, 90)), 3), "times_ms": times}
-
-
 def _size(path):
     if os.path.isfile(path):
         return os.path.getsize(path)
@@ -337,20 +219,3 @@ def _atomic_write(path, data):
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
-
-
-def load_predictor(path):
-    """A ``.keras`` file, run directory, SavedModel directory or ``.tflite`` file ->
-    (callable uint8 images -> probabilities, (height, width), class names or None)."""
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "saved_model.pb")):
-        runner = SavedModelRunner(path)
-        return runner, runner.image_size, read_labels(os.path.dirname(os.path.abspath(path)))
-    if os.path.isfile(path) and path.endswith(".tflite"):
-        try:
-            runner = TFLiteModel(path)
-        except (ValueError, RuntimeError) as e:
-            raise ValueError(f"MODEL: {path!r} is not a valid .tflite file ({e})") from None
-        return runner, runner.image_size, read_labels(path)
-    model, model_path = load_source(path)
-    fn = probability_fn(model)
-    return (lambda images: np.asarray(fn(images))), input_size(model), read_labels(model_path)

@@ -10,7 +10,6 @@ and ``confusion_matrix.png``.
 import csv
 import dataclasses
 import json
-import math
 import os
 import tempfile
 import time
@@ -20,7 +19,8 @@ import numpy as np
 import tensorflow as tf
 
 from keras_resnet import data as data_lib
-from keras_resnet.model import MODELS, STEMS, build_model
+from keras_resnet import evaluation
+from keras_resnet.model import MODELS, STEMS, build_classifier
 
 OPTIMIZERS = ("sgd", "nesterov", "rmsprop", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine", "onecycle")
@@ -149,24 +149,14 @@ def baseline_config(**overrides):
 # --------------------------------------------------------------------- model & optimiser
 
 
-def build_classifier(config, image_size, num_classes, mean, std):
-    """Backbone with its preprocessing inside: float 0..255 in, logits out.
-
-    The ``Normalization`` layer carries the training split's statistics, so a
-    saved or exported model needs no preprocessing code outside it.
-    """
-    inputs = keras.Input((*image_size, 3), name="image")
-    x = inputs
-    if config.augment_in_model:
-        augmenter = data_lib.build_augmenter(config.augment(), image_size, config.seed)
-        if augmenter is not None:
-            x = augmenter(x)
-    x = keras.layers.Normalization(mean=list(mean), variance=[s * s for s in std],
-                                   name="normalize")(x)
-    model = build_model(config.model, input_tensor=x, classes=num_classes, stem=config.stem,
-                        classifier_activation=None,
-                        zero_init_residual=config.zero_init_residual)
-    return keras.Model(inputs, model.output, name=model.name)
+def classifier_for(config, splits):
+    """The model ``config`` trains on ``splits``: preprocessing inside, logits out."""
+    augmenter = (data_lib.build_augmenter(config.augment(), splits.image_size, config.seed)
+                 if config.augment_in_model else None)
+    return build_classifier(config.model, image_size=splits.image_size,
+                            num_classes=splits.num_classes, mean=splits.mean, std=splits.std,
+                            augmenter=augmenter, stem=config.stem,
+                            zero_init_residual=config.zero_init_residual)
 
 
 def _no_decay(variable):
@@ -201,34 +191,13 @@ def make_optimizer(config, schedule, model):
     return keras.optimizers.Adam(schedule, **clip)
 
 
-@keras.saving.register_keras_serializable("keras_resnet")
-class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
-    """One-cycle LR: linear warm-up from ``peak / 25`` to ``peak``, then cosine to ~0.
-
-    Keras has no one-cycle schedule; ``CosineDecay``'s warm-up starts from its
-    ``initial_learning_rate``, which then is also the floor it never decays
-    below, so it cannot express the one-cycle start at ``peak / 25``.
-    """
-
-    def __init__(self, peak, total_steps, warmup_steps):
-        self.peak, self.total_steps, self.warmup_steps = peak, total_steps, warmup_steps
-
-    def __call__(self, step):
-        step = keras.ops.cast(step, "float32")
-        start = self.peak / 25.0
-        warm = start + (self.peak - start) * step / max(self.warmup_steps, 1)
-        progress = (step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1)
-        progress = keras.ops.clip(progress, 0.0, 1.0)
-        anneal = self.peak * 0.5 * (1.0 + keras.ops.cos(math.pi * progress))
-        return keras.ops.where(step < self.warmup_steps, warm, anneal)
-
-    def get_config(self):
-        return {"peak": self.peak, "total_steps": self.total_steps,
-                "warmup_steps": self.warmup_steps}
-
-
 def make_schedule(config, steps_per_epoch, lr):
-    """The LR schedule over ``config.epochs`` (a function of the optimiser step)."""
+    """The LR schedule over ``config.epochs`` (a function of the optimiser step).
+
+    "cosine" warms up linearly from 0 and "onecycle" from ``lr / 25`` (the
+    one-cycle start), both then cosine down to 0: Keras's ``CosineDecay`` with
+    ``warmup_target``.
+    """
     total = config.epochs * steps_per_epoch
     warmup = round(config.warmup_epochs * steps_per_epoch)
     if config.schedule == "constant":
@@ -237,12 +206,24 @@ def make_schedule(config, steps_per_epoch, lr):
         bounds = [int(float(m) * total) for m in config.step_milestones.split(",")]
         values = [lr * config.step_gamma ** i for i in range(len(bounds) + 1)]
         return keras.optimizers.schedules.PiecewiseConstantDecay(bounds, values)
-    if config.schedule == "cosine":
-        if warmup:
-            return keras.optimizers.schedules.CosineDecay(
-                0.0, total - warmup, warmup_target=lr, warmup_steps=warmup)
-        return keras.optimizers.schedules.CosineDecay(lr, total)
-    return OneCycle(lr, total, warmup)
+    start = lr / 25 if config.schedule == "onecycle" else 0.0
+    return keras.optimizers.schedules.CosineDecay(
+        start, total - warmup, warmup_target=lr, warmup_steps=warmup)
+
+
+@keras.saving.register_keras_serializable("keras_resnet")
+class OneCycle(keras.optimizers.schedules.CosineDecay):
+    """Loads run files written by keras_resnet 0.1, whose optimiser saved this
+    schedule by name; it is the same curve as ``make_schedule``'s "onecycle"."""
+
+    def __init__(self, peak, total_steps, warmup_steps):
+        super().__init__(peak / 25, total_steps - warmup_steps, warmup_target=peak,
+                         warmup_steps=warmup_steps)
+        self.peak, self.total_steps = peak, total_steps
+
+    def get_config(self):
+        return {"peak": self.peak, "total_steps": self.total_steps,
+                "warmup_steps": self.warmup_steps}
 
 
 def resolve_precision(precision):
@@ -365,19 +346,30 @@ def _backup_epoch(backup_dir):
 
 
 def train(config):
-    """Train, keep the best checkpoint, score the test set once; returns the report."""
+    """Train, keep the best checkpoint, score the test set once; returns the report.
+
+    The global dtype policy is set for the run and restored afterwards.
+    """
     config.validate()
     resuming = prepare_run_dir(config)
-    out = config.output_dir
     # First TF call: multi-worker collectives must be configured at start-up.
     strategy = make_strategy(config.strategy)
+    policy = keras.config.dtype_policy()
+    try:
+        keras.config.set_dtype_policy(resolve_precision(config.precision))
+        return _train(config, strategy, resuming)
+    finally:
+        keras.config.set_dtype_policy(policy)
+
+
+def _train(config, strategy, resuming):
+    out = config.output_dir
     keras.utils.set_random_seed(config.seed)
-    keras.mixed_precision.set_global_policy(resolve_precision(config.precision))
     jit = config.jit_compile == "on" or (
         config.jit_compile == "auto" and bool(tf.config.list_physical_devices("GPU")))
 
     splits = data_lib.load_splits(
-        config.dataset, image_folder=config.data_dir, data_dir=config.tfds_data_dir,
+        config.dataset, data_dir=config.data_dir, tfds_data_dir=config.tfds_data_dir,
         validation_size=config.validation_size, max_train_images=config.max_train_images,
         max_eval_images=config.max_eval_images, seed=config.seed)
     if splits.report:
@@ -397,8 +389,7 @@ def train(config):
               if splits.validation is not None else None)
 
     with strategy.scope():
-        model = build_classifier(config, splits.image_size, splits.num_classes,
-                                 splits.mean, splits.std)
+        model = classifier_for(config, splits)
         optimizer = make_optimizer(config, make_schedule(config, steps_per_epoch, lr), model)
         model.compile(
             optimizer=optimizer,
@@ -443,17 +434,18 @@ def train(config):
     if model.stop_training and not os.path.exists(os.path.join(out, "best.keras")):
         raise RuntimeError("training stopped (NaN loss) before any checkpoint was saved")
     history = read_history(history_csv)
-    plot_history(history, os.path.join(out, "curves.png"))
+    evaluation.plot_history(history, os.path.join(out, "curves.png"))
 
     report = {"train_seconds_this_session": round(train_seconds, 1),
               "epochs": len(history.get("epoch", []))}
     if splits.test is not None:
         best = keras.saving.load_model(os.path.join(out, "best.keras"), compile=False)
         test_ds = data_lib.make_eval_dataset(splits.test, global_batch, splits.num_classes)
-        report.update(evaluate(best, test_ds, splits.class_names, tta_flip=config.tta_flip))
+        report.update(evaluation.evaluate(best, test_ds, splits.class_names,
+                                          tta_flip=config.tta_flip))
         write_json(os.path.join(out, "test_metrics.json"), report)
-        plot_confusion(np.asarray(report["confusion_matrix"]), splits.class_names,
-                       os.path.join(out, "confusion_matrix.png"))
+        evaluation.plot_confusion(np.asarray(report["confusion_matrix"]),
+                                  splits.class_names, os.path.join(out, "confusion_matrix.png"))
     return report
 
 
@@ -462,82 +454,3 @@ def read_history(path):
     with open(path) as f:
         rows = list(csv.DictReader(f))
     return {k: [float(r[k]) for r in rows] for k in (rows[0] if rows else {})}
-
-
-# --------------------------------------------------------------------------- report
-
-
-def predict_probabilities(model, ds, tta_flip=False):
-    """Softmax probabilities and labels over an eval dataset; optional flip TTA."""
-    probs, labels = [], []
-    for x, y in ds:
-        logits = model(x, training=False)
-        p = tf.nn.softmax(tf.cast(logits, tf.float32))
-        if tta_flip:
-            p = (p + tf.nn.softmax(tf.cast(model(x[:, :, ::-1], training=False),
-                                           tf.float32))) / 2
-        probs.append(p.numpy())
-        labels.append(np.argmax(y.numpy(), axis=1))
-    return np.concatenate(probs), np.concatenate(labels)
-
-
-def evaluate(model, ds, class_names, tta_flip=False):
-    """top1, top5, per-class accuracy and the confusion matrix on ``ds``."""
-    probs, labels = predict_probabilities(model, ds, tta_flip)
-    top5 = np.argsort(-probs, axis=1)[:, :5]
-    pred = top5[:, 0]
-    n = len(class_names)
-    confusion = np.zeros((n, n), dtype=int)
-    np.add.at(confusion, (labels, pred), 1)
-    per_class = {name: round(float(confusion[i, i] / max(confusion[i].sum(), 1)), 4)
-                 for i, name in enumerate(class_names)}
-    return {"top1": round(float(np.mean(pred == labels)), 4),
-            "top5": round(float(np.mean(np.any(top5 == labels[:, None], axis=1))), 4),
-            "per_class": per_class, "num_images": len(labels), "tta_flip": tta_flip,
-            "confusion_matrix": confusion.tolist()}
-
-
-def plot_history(history, path):
-    """Loss and accuracy curves (train and validation) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [e + 1 for e in history.get("epoch", [])]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
-        for prefix, style in (("", "-"), ("val_", "--")):
-            if prefix + key in history:
-                ax.plot(epochs, history[prefix + key], style, marker="o",
-                        label=(prefix or "train_") + key)
-        ax.set_xlabel("epoch")
-        ax.set_title(key)
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_confusion(confusion, class_names, path):
-    """Confusion matrix (rows: true class, columns: predicted) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 6))
-    im = ax.imshow(confusion, cmap="Blues")
-    ticks = range(len(class_names))
-    ax.set_xticks(ticks, class_names, rotation=45, ha="right")
-    ax.set_yticks(ticks, class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for i in ticks:
-        for j in ticks:
-            ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=7)
-    fig.colorbar(im)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -104,6 +104,32 @@ def _folded(conv, bn):
     return transform_kernel(kernel), bias
 
 
+def _graph_edges(model):
+    """How often each layer is called, and which layers consume its output.
+
+    Read from the model's config, Keras's public description of a functional
+    graph (its node objects are private): every argument tensor of a call names
+    the layer that produced it in ``keras_history``.
+    """
+    calls, consumers = {}, {}
+
+    def producers(value):
+        if isinstance(value, dict):
+            if "keras_history" in value:
+                yield value["keras_history"][0]
+            for v in value.values():
+                yield from producers(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                yield from producers(v)
+
+    for spec in model.get_config()["layers"]:
+        calls[spec["name"]] = len(spec["inbound_nodes"])
+        for source in set(producers(spec["inbound_nodes"])):
+            consumers.setdefault(source, []).append(spec["name"])
+    return calls, consumers
+
+
 def winograd_model(model):
     """A copy of ``model`` with each eligible 3x3 conv (and its BatchNorm) as Winograd.
 
@@ -115,13 +141,14 @@ def winograd_model(model):
     """
     folded = {}  # conv name -> (transformed kernel, bias)
     absorbed = set()  # names of the BatchNorms folded into the conv before them
+    calls, consumers = _graph_edges(model)
     for layer in model.layers:
-        if len(layer._inbound_nodes) != 1 or not _eligible(layer):
+        if calls[layer.name] != 1 or not _eligible(layer):
             continue
-        consumers = [node.operation for node in layer._outbound_nodes]
-        bn = consumers[0] if len(consumers) == 1 else None
+        after = consumers.get(layer.name, [])
+        bn = model.get_layer(after[0]) if len(after) == 1 else None
         if not (isinstance(bn, layers.BatchNormalization) and bn.axis in (-1, 3)
-                and len(bn._inbound_nodes) == 1):
+                and calls[bn.name] == 1):
             bn = None
         folded[layer.name] = _folded(layer, bn)
         if bn is not None:

@@ -27,7 +27,8 @@ def saved_model_child(path, threads, runs, warmup):
 
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
-    from keras_resnet.export import SavedModelRunner, latency_ms
+    from keras_resnet.benchmark import latency_ms
+    from keras_resnet.predict import SavedModelRunner
 
     runner = SavedModelRunner(path)
     image = np.random.default_rng(0).integers(0, 256, (1, *runner.image_size, 3), np.uint8)
@@ -60,7 +61,8 @@ def main():
                 key = fmt if len(args.folders) == 1 else f"{os.path.basename(folder)}:{fmt}"
                 artifacts[key] = (fmt, info)
 
-    from keras_resnet.export import TFLiteModel, latency_ms
+    from keras_resnet.benchmark import latency_ms
+    from keras_resnet.predict import TFLiteModel
 
     def measure(fmt, path, n):
         if fmt == "saved_model":

@@ -56,7 +56,7 @@ def main():
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
 
-    splits = data.load_splits(image_folder=args.data_dir, validation_size=0,
+    splits = data.load_splits(data_dir=args.data_dir, validation_size=0,
                               max_train_images=args.train_images, max_eval_images=1)
     ds = data.make_train_dataset(splits.train, args.batch_size, splits.num_classes,
                                  seed=0, image_size=splits.image_size).repeat()
@@ -64,9 +64,7 @@ def main():
         pass  # fill the decode cache: steady state is what training sees
     pipeline = [time_pipeline(ds, args.pipeline_batches) for _ in range(args.rounds)]
 
-    config = training.TrainConfig()
-    model = training.build_classifier(config, splits.image_size, splits.num_classes,
-                                      splits.mean, splits.std)
+    model = training.classifier_for(training.TrainConfig(), splits)
     model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
                   loss=keras.losses.CategoricalCrossentropy(from_logits=True))
     x, y = zip(*[(a.numpy(), b.numpy()) for a, b in ds.take(args.steps + 2)], strict=True)

@@ -19,14 +19,15 @@ import numpy as np
 import tensorflow as tf
 
 from keras_resnet import training
+from keras_resnet.model import build_classifier
 
 
 def build(setting, batch_size, steps):
     precision, _, xla = setting.partition("+")
     keras.mixed_precision.set_global_policy(training.resolve_precision(precision))
     keras.utils.set_random_seed(0)
-    model = training.build_classifier(training.TrainConfig(), (32, 32), 10,
-                                      (125, 123, 114), (63, 62, 67))
+    model = build_classifier("resnet18", image_size=(32, 32), num_classes=10,
+                             mean=(125, 123, 114), std=(63, 62, 67), stem="cifar")
     model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
                   loss=keras.losses.CategoricalCrossentropy(from_logits=True),
                   jit_compile=xla == "xla")

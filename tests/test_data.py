@@ -4,22 +4,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from helpers import SHARED_CIFAR10 as SHARED
+from helpers import write_folder
 from PIL import Image
 
 from keras_resnet import data as D
-
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10-jpeg")
-
-
-def write_folder(root, per_class=6, size=16, classes=("cat", "dog", "eel")):
-    rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        for c in classes:
-            os.makedirs(root / split / c, exist_ok=True)
-            for i in range(per_class):
-                arr = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-                Image.fromarray(arr).save(root / split / c / f"{i}.{'png' if i % 2 else 'jpg'}")
-    return root
 
 
 @pytest.fixture
@@ -36,7 +25,7 @@ def messy_folder(tmp_path):
 
 
 def test_image_folder_converts_and_skips(messy_folder):
-    s = D.load_splits(image_folder=str(messy_folder), validation_size=4)
+    s = D.load_splits(data_dir=str(messy_folder), validation_size=4)
     assert s.class_names == ["cat", "dog", "eel", "fox"]
     # The 4 validation files are carved from the 23 listed, then each part is
     # scanned: the 2 unreadable files are skipped wherever they fell.
@@ -62,13 +51,13 @@ def test_validation_is_carved_before_the_subsets(tmp_path):
     def images(ds):
         return sorted(x.numpy().tobytes() for x, _ in ds)
 
-    full = D.load_splits(image_folder=root, validation_size=6)
-    small = D.load_splits(image_folder=root, validation_size=6, max_train_images=4,
+    full = D.load_splits(data_dir=root, validation_size=6)
+    small = D.load_splits(data_dir=root, validation_size=6, max_train_images=4,
                           max_eval_images=6)
     assert (small.num_train, small.num_validation, small.num_test) == (4, 6, 6)
     assert images(small.validation) == images(full.validation)
     assert not set(images(small.train)) & set(images(small.validation))
-    capped = D.load_splits(image_folder=root, validation_size=6, max_eval_images=2)
+    capped = D.load_splits(data_dir=root, validation_size=6, max_eval_images=2)
     assert (capped.num_train, capped.num_validation, capped.num_test) == (12, 2, 2)
     assert set(images(capped.validation)) <= set(images(full.validation))
 
@@ -76,13 +65,13 @@ def test_validation_is_carved_before_the_subsets(tmp_path):
 def test_validation_folder_is_used_when_present(tmp_path):
     root = write_folder(tmp_path, per_class=2)
     os.rename(root / "test", root / "val")
-    s = D.load_splits(image_folder=str(root))
+    s = D.load_splits(data_dir=str(root))
     assert (s.num_train, s.num_validation, s.num_test) == (6, 6, 0)
 
 
 def test_channel_stats_match_numpy(tmp_path):
     root = write_folder(tmp_path, per_class=3)
-    s = D.load_splits(image_folder=str(root), validation_size=0)
+    s = D.load_splits(data_dir=str(root), validation_size=0)
     arr = np.stack([x.numpy() for x, _ in s.train]).astype(np.float64)
     np.testing.assert_allclose(s.mean, arr.mean((0, 1, 2)), atol=1e-3)
     np.testing.assert_allclose(s.std, arr.std((0, 1, 2)), atol=1e-3)
@@ -90,30 +79,35 @@ def test_channel_stats_match_numpy(tmp_path):
 
 def test_missing_folder_and_split(tmp_path):
     with pytest.raises(D.DataError, match="image folder not found: .*nope"):
-        D.load_splits(image_folder=str(tmp_path / "nope"))
+        D.load_splits(data_dir=str(tmp_path / "nope"))
     os.makedirs(tmp_path / "x" / "test" / "a")
     with pytest.raises(D.DataError, match="split not found: .*train"):
-        D.load_splits(image_folder=str(tmp_path / "x"))
+        D.load_splits(data_dir=str(tmp_path / "x"))
 
 
 def test_tfds_not_prepared_gives_clear_error(tmp_path):
     with pytest.raises(D.DataError, match="'cifar10' is not prepared in .*image folder"):
-        D.load_splits("cifar10", data_dir=str(tmp_path))
+        D.load_splits("cifar10", tfds_data_dir=str(tmp_path))
     with pytest.raises(ValueError, match="dataset: got 'mnist'"):
-        D.load_splits("mnist", data_dir=str(tmp_path))
+        D.load_splits("mnist", tfds_data_dir=str(tmp_path))
 
 
 def test_tfds_cifar100_mock(tmp_path):
     with tfds.testing.mock_data(num_examples=12):
-        s = D.load_splits("cifar100", data_dir=str(tmp_path), validation_size=4)
-    assert s.num_classes == 100 and s.mean == D.KNOWN_STATS["cifar100"][0]
+        s = D.load_splits("cifar100", tfds_data_dir=str(tmp_path), validation_size=4)
+        info = tfds.builder("cifar100", data_dir=str(tmp_path)).info
+    # Class names come from tfds's info (the mock's builder has only label indices).
+    assert s.class_names == info.features["label"].names and s.num_classes == 100
+    assert s.mean == D.KNOWN_STATS["cifar100"][0]
     assert s.num_train == 12 and s.num_validation == 12  # mock data ignores slicing
 
 
 def test_tfds_cifar10_mock(tmp_path):
     with tfds.testing.mock_data(num_examples=40):
-        s = D.load_splits("cifar10", data_dir=str(tmp_path), validation_size=10)
-        assert s.class_names[3] == "cat" and s.mean == D.KNOWN_STATS["cifar10"][0]
+        s = D.load_splits("cifar10", tfds_data_dir=str(tmp_path), validation_size=10,
+                          max_train_images=30)
+        assert s.num_classes == 10 and s.mean == D.KNOWN_STATS["cifar10"][0]
+        assert (s.num_train, s.num_validation, s.num_test) == (30, 40, 40)
         batch = next(iter(D.make_train_dataset(s.train, 8, 10, seed=0)))
     assert batch[0].shape == (8, 32, 32, 3) and batch[1].shape == (8, 10)
     assert batch[0].dtype == tf.float32
@@ -193,7 +187,7 @@ def test_bad_batch_size():
 
 @pytest.mark.skipif(not os.path.isdir(SHARED), reason="shared CIFAR-10 JPEG copy not present")
 def test_real_cifar10_jpeg_folder():
-    s = D.load_splits(image_folder=SHARED, max_train_images=300, max_eval_images=100,
+    s = D.load_splits(data_dir=SHARED, max_train_images=300, max_eval_images=100,
                       validation_size=50)
     assert s.class_names[0] == "airplane" and s.class_names[9] == "truck"
     assert (s.num_train, s.num_validation, s.num_test) == (300, 50, 100)
@@ -203,6 +197,7 @@ def test_real_cifar10_jpeg_folder():
     assert set(labels) <= set(range(10)) and len(set(labels)) > 5
 
 
+@pytest.mark.slow
 def test_benchmark_pipeline_script(tmp_path):
     import json
     import subprocess

@@ -1,25 +1,19 @@
 import json
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
-from conftest import random_batchnorm_statistics
+from helpers import random_batchnorm_statistics, run_script, write_folder
 from PIL import Image
-from test_data import write_folder
 
 from keras_resnet import export as E
-from keras_resnet import training as T
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from keras_resnet import predict as P
+from keras_resnet.model import build_classifier
 
 
 def cli(script, *args):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", script), *args],
-                          check=False, capture_output=True, text=True, timeout=600, env=env)
+    return run_script(script, *args)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +24,8 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
     keras.utils.set_random_seed(0)
-    model = T.build_classifier(T.TrainConfig(), (16, 16), 3, (120, 115, 100), (60, 60, 65))
+    model = build_classifier(image_size=(16, 16), num_classes=3, mean=(120, 115, 100),
+                             std=(60, 60, 65), stem="cifar")
     random_batchnorm_statistics(model)
     path = tmp_path_factory.mktemp("model") / "model.keras"
     model.save(path)
@@ -42,20 +37,26 @@ def model_path(tmp_path_factory):
 def exported(model_path, folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "artifacts"
     result = cli("export_model.py", model_path, "--output-dir", str(out), "--formats",
-                 ",".join(E.FORMATS), "--data-dir", folder, "--calibration-images", "20")
+                 ",".join(E.FORMATS), "--winograd", "--data-dir", folder,
+                 "--calibration-images", "20")
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result.stdout
 
 
+def tensor_names(path):
+    return [t["name"] for t in P.TFLiteModel(path).interpreter.get_tensor_details()]
+
+
+@pytest.mark.slow
 def test_every_format_is_written_and_checked(exported, model_path):
     out, stdout = exported
     report = json.loads((out / "export_report.json").read_text())
-    assert set(report["artifacts"]) == set(E.FORMATS)
+    assert set(report["artifacts"]) == set(E.ALL_FORMATS)
     for fmt, figures in report["artifacts"].items():
         assert os.path.exists(figures["path"]) and figures["num_images"] == 24
         assert json.loads((out / (E.ARTIFACT_NAMES[fmt] + ".json")).read_text()) == figures
     arts = report["artifacts"]
-    for fmt in ("saved_model", "tflite_float32"):
+    for fmt in ("saved_model", "tflite_float32", E.WINOGRAD):
         assert arts[fmt]["passed"] and arts[fmt]["max_abs_diff"] <= 1e-4
         assert arts[fmt]["top1_agreement"] == 1.0
     assert arts["tflite_float16"]["max_abs_diff"] < 1e-2
@@ -65,34 +66,38 @@ def test_every_format_is_written_and_checked(exported, model_path):
     assert sizes["saved_model"] < 1.1 * weight_bytes  # each weight stored once
     assert 0.45 < sizes["tflite_float16"] / weight_bytes < 0.55
     assert 0.2 < sizes["tflite_int8"] / weight_bytes < 0.3
-    # float32: the stride-1 3x3 convs of every stage (16x16 input: maps <= 16x16)
-    # are Winograd, whose kernels hold 16 instead of 9 values per channel pair.
-    rewritten = arts["tflite_float32"]["winograd_convs"]
+    # float32 keeps direct convs: the file is the weights.
+    assert 0.9 < sizes["tflite_float32"] / weight_bytes < 1.1
+    assert not any("MatMul" in n for n in tensor_names(arts["tflite_float32"]["path"]))
+    # The opt-in Winograd file: the stride-1 3x3 convs of every stage (16x16 input:
+    # maps <= 16x16), whose kernels hold 16 instead of 9 values per channel pair.
+    assert E.ARTIFACT_NAMES[E.WINOGRAD] == "model_float32_winograd.tflite"
+    rewritten = arts[E.WINOGRAD]["winograd_convs"]
     assert len(rewritten) == 14 and {"stem_conv1", "stage4_block2_conv2"} <= set(rewritten)
+    assert any("MatMul" in n for n in tensor_names(arts[E.WINOGRAD]["path"]))
     extra = sum(4 * 7 / 9 * np.prod(model.get_layer(n).kernel.shape) for n in rewritten)
-    assert 0.9 < sizes["tflite_float32"] / (weight_bytes + extra) < 1.1
+    assert 0.9 < sizes[E.WINOGRAD] / (weight_bytes + extra) < 1.1
     assert (out / "labels.txt").read_text() == "cat\ndog\neel\n"
     assert "tflite_int8" in stdout and "max|dp|" in stdout
     assert not [p for p in os.listdir(out) if p.startswith(".export-") or p.endswith(".tmp")]
 
 
-def test_no_winograd_gives_direct_convs(model_path, folder, tmp_path):
+def test_default_export_writes_no_winograd_file(model_path, tmp_path):
     result = cli("export_model.py", model_path, "--output-dir", str(tmp_path), "--formats",
-                 "tflite_float32", "--data-dir", folder, "--no-winograd")
+                 "tflite_float32")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path)) == ["export_report.json", "labels.txt",
+                                            "model_float32.tflite", "model_float32.tflite.json"]
     figures = json.loads((tmp_path / "model_float32.tflite.json").read_text())
-    assert figures["winograd_convs"] == [] and figures["passed"]
-    weight_bytes = 4 * keras.saving.load_model(model_path).count_params()
-    assert 0.9 * weight_bytes < figures["size_bytes"] < 1.1 * weight_bytes
-    ops = {op["op_name"] for op in E.TFLiteModel(figures["path"]).interpreter._get_ops_details()}
-    assert "CONV_2D" in ops and "BATCH_MATMUL" not in ops
+    assert figures["passed"] and "winograd_convs" not in figures
 
 
+@pytest.mark.slow
 def test_saved_model_takes_uint8_batches_and_matches_keras(exported, model_path):
     out, _ = exported
-    runner = E.SavedModelRunner(out / "saved_model")
+    runner = P.SavedModelRunner(out / "saved_model")
     images = np.random.default_rng(1).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
-    keras_probs = np.asarray(E.probability_fn(keras.saving.load_model(model_path))(images))
+    keras_probs = np.asarray(P.probability_fn(keras.saving.load_model(model_path))(images))
     for batch in (images[:1], images):
         probs = runner(batch)
         assert probs.shape == (len(batch), 3)
@@ -100,15 +105,16 @@ def test_saved_model_takes_uint8_batches_and_matches_keras(exported, model_path)
         np.testing.assert_allclose(probs, keras_probs[:len(batch)], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_full_integer_model_takes_raw_uint8(exported):
     out, _ = exported
-    m = E.TFLiteModel(out / "model_int8.tflite")
+    m = P.TFLiteModel(out / "model_int8.tflite")
     assert m.input["dtype"] == np.uint8 and m.output["dtype"] == np.uint8
     scale, zero = m.input["quantization"]
     assert scale == pytest.approx(1.0, rel=1e-3) and zero == 0
     with pytest.raises(ValueError, match="does not match the model's uint8 input"):
         m.invoke(np.zeros((1, 16, 16, 3), np.float32))
-    f32 = E.TFLiteModel(out / "model_float32.tflite")
+    f32 = P.TFLiteModel(out / "model_float32.tflite")
     with pytest.raises(ValueError, match="expected uint8 pixels, got float32"):
         f32(np.zeros((1, 16, 16, 3), np.float32))
 
@@ -127,6 +133,7 @@ def test_bad_export_inputs_write_nothing(model_path, folder, tmp_path):
     assert not any((tmp_path / d).exists() for d in "abc")
 
 
+@pytest.mark.slow
 def test_predict_from_every_artifact_kind(exported, model_path, folder):
     out, _ = exported
     images = os.path.join(folder, "test", "dog")
@@ -169,16 +176,13 @@ def test_predict_bad_inputs(model_path, tmp_path):
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr[-1000:])
 
 
+@pytest.mark.slow
 def test_benchmark_export_script(exported):
     out, _ = exported
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "benchmark_export.py"),
-                        str(out), "--runs", "100", "--warmup", "2", "--rounds", "1"],
-                       check=False,
-                       capture_output=True, text=True, timeout=600, env=env)
+    r = cli("benchmark_export.py", str(out), "--runs", "100", "--warmup", "2", "--rounds", "1")
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
-    assert set(result["artifacts"]) == set(E.FORMATS)
+    assert set(result["artifacts"]) == set(E.ALL_FORMATS)
     for row in result["artifacts"].values():
         for n in (1, 2):
             t = row[f"threads_{n}"]
@@ -189,22 +193,22 @@ def test_mixed_precision_model_exports_in_float32(tmp_path):
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
         keras.utils.set_random_seed(1)
-        mixed = T.build_classifier(T.TrainConfig(model="resnet18"), (8, 8), 4,
-                                   (120, 115, 100), (60, 60, 65))
+        mixed = build_classifier(image_size=(8, 8), num_classes=4, mean=(120, 115, 100),
+                                 std=(60, 60, 65), stem="cifar")
     finally:
         keras.mixed_precision.set_global_policy("float32")
     assert mixed.get_layer("stem_conv1").compute_dtype == "bfloat16"
     path = tmp_path / "mixed.keras"
     mixed.save(path)
-    model, _ = E.load_source(str(path))
+    model, _ = P.load_source(str(path))
     assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
     for a, b in zip(model.get_weights(), mixed.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     images = np.random.default_rng(2).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
-    probs = np.asarray(E.probability_fn(model)(images))
+    probs = np.asarray(P.probability_fn(model)(images))
     assert probs.dtype == np.float32
     # bfloat16 keeps ~3 significant digits: close to the mixed model, not equal.
-    mixed_probs = np.asarray(E.probability_fn(mixed)(images))
+    mixed_probs = np.asarray(P.probability_fn(mixed)(images))
     assert 0 < np.abs(probs - mixed_probs).max() < 0.05
     (tmp_path / "m.tflite").write_bytes(E.convert_tflite(model, "tflite_float32"))
-    assert np.abs(E.TFLiteModel(tmp_path / "m.tflite")(images) - probs).max() < 1e-4
+    assert np.abs(P.TFLiteModel(tmp_path / "m.tflite")(images) - probs).max() < 1e-4

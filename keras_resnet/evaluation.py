@@ -1,0 +1,88 @@
+"""Evaluation of a trained classifier and the plots of a run.
+
+``evaluate`` scores a model on an eval dataset (top-1, top-5, per-class
+accuracy, confusion matrix); ``plot_history`` and ``plot_confusion`` draw the
+PNGs a training run leaves in its directory.
+"""
+
+import keras
+import numpy as np
+
+
+def predict_probabilities(model, ds, tta_flip=False):
+    """Softmax probabilities and integer labels over an eval dataset of
+    (images, one-hot labels); ``tta_flip`` averages with the mirrored images."""
+    images = ds.map(lambda x, y: x)
+    probs = _softmax(model.predict(images, verbose=0))
+    if tta_flip:
+        mirrored = images.map(lambda x: x[:, :, ::-1])
+        probs = (probs + _softmax(model.predict(mirrored, verbose=0))) / 2
+    labels = np.concatenate([np.argmax(y, axis=1) for _, y in ds.as_numpy_iterator()])
+    return probs, labels
+
+
+def _softmax(logits):
+    return np.asarray(keras.ops.softmax(keras.ops.cast(logits, "float32"), axis=-1))
+
+
+def evaluate(model, ds, class_names, tta_flip=False):
+    """top1, top5, per-class accuracy and the confusion matrix on ``ds``."""
+    import tensorflow as tf
+
+    probs, labels = predict_probabilities(model, ds, tta_flip)
+    top5 = np.argsort(-probs, axis=1)[:, :5]
+    pred = top5[:, 0]
+    n = len(class_names)
+    confusion = tf.math.confusion_matrix(labels, pred, num_classes=n).numpy()
+    per_class = {name: round(float(confusion[i, i] / max(confusion[i].sum(), 1)), 4)
+                 for i, name in enumerate(class_names)}
+    return {"top1": round(float(np.mean(pred == labels)), 4),
+            "top5": round(float(np.mean(np.any(top5 == labels[:, None], axis=1))), 4),
+            "per_class": per_class, "num_images": len(labels), "tta_flip": tta_flip,
+            "confusion_matrix": confusion.tolist()}
+
+
+def plot_history(history, path):
+    """Loss and accuracy curves (train and validation) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [e + 1 for e in history.get("epoch", [])]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
+        for prefix, style in (("", "-"), ("val_", "--")):
+            if prefix + key in history:
+                ax.plot(epochs, history[prefix + key], style, marker="o",
+                        label=(prefix or "train_") + key)
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_confusion(confusion, class_names, path):
+    """Confusion matrix (rows: true class, columns: predicted) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 6))
+    im = ax.imshow(confusion, cmap="Blues")
+    ticks = range(len(class_names))
+    ax.set_xticks(ticks, class_names, rotation=45, ha="right")
+    ax.set_yticks(ticks, class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in ticks:
+        for j in ticks:
+            ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=7)
+    fig.colorbar(im)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

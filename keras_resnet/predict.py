@@ -1,0 +1,148 @@
+"""Run a trained model from any of its forms: ``.keras``, SavedModel, ``.tflite``.
+
+Every form takes raw uint8 images (N, H, W, 3) and returns float32 class
+probabilities; the class names come from the ``labels.txt`` that training and
+export write beside the model.
+"""
+
+import os
+
+import keras
+import numpy as np
+from keras import ops
+
+
+def load_source(source):
+    """A ``.keras`` file, or a training run directory (its ``best.keras``)."""
+    path = os.path.join(source, "best.keras") if os.path.isdir(source) else source
+    if not os.path.isfile(path):
+        raise ValueError(f"SOURCE: {source!r} is neither a .keras file nor a run directory "
+                         "holding best.keras")
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        raise ValueError(f"SOURCE: {path!r} is not a Keras model file ({e})") from None
+    return as_float32(model), path
+
+
+def as_float32(model):
+    """The model computing in float32, whatever precision it was trained in.
+
+    A mixed-precision model keeps float32 weights but computes in bfloat16 /
+    float16; artifacts, and the checks that compare them with Keras, want the
+    float32 computation: the model is cloned with every layer's dtype policy
+    set to float32 and given the same weights.
+    """
+    if all(layer.dtype_policy.name == "float32" for layer in model.layers):
+        return model
+    clone = keras.models.clone_model(
+        model, recursive=True,
+        clone_function=lambda layer: layer.__class__.from_config(
+            {**layer.get_config(), "dtype": "float32"}))
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def read_labels(model_path):
+    """Class names from ``labels.txt`` beside a model (training and export write it)."""
+    folder = model_path if os.path.isdir(model_path) else os.path.dirname(model_path)
+    path = os.path.join(folder, "labels.txt")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return [line.rstrip("\n") for line in f if line.strip()]
+
+
+def ends_in_softmax(model):
+    return getattr(model.layers[-1], "activation", None) is keras.activations.softmax
+
+
+def probability_fn(model):
+    """uint8 images -> float32 class probabilities (adds softmax to a logits model)."""
+    softmax = not ends_in_softmax(model)
+
+    def fn(images):
+        out = ops.cast(model(ops.cast(images, "float32"), training=False), "float32")
+        return ops.softmax(out, axis=-1) if softmax else out
+
+    return fn
+
+
+def input_size(model):
+    h, w = model.input_shape[1:3]
+    if h is None or w is None:
+        raise ValueError("SOURCE: the model's input height and width must be fixed to export")
+    return int(h), int(w)
+
+
+class TFLiteModel:
+    """A .tflite file run with the LiteRT interpreter: uint8 images -> probabilities."""
+
+    def __init__(self, path, num_threads=None):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.interpreter = Interpreter(model_path=os.fspath(path), num_threads=num_threads)
+        self.interpreter.allocate_tensors()
+        self.input = self.interpreter.get_input_details()[0]
+        self.output = self.interpreter.get_output_details()[0]
+        self.image_size = tuple(int(s) for s in self.input["shape"][1:3])
+
+    def invoke(self, batch):
+        """Run one batch-1 tensor of exactly the model's input dtype."""
+        if batch.dtype != self.input["dtype"]:
+            raise ValueError(f"input dtype {batch.dtype} does not match the model's "
+                             f"{np.dtype(self.input['dtype']).name} input")
+        self.interpreter.set_tensor(self.input["index"], batch)
+        self.interpreter.invoke()
+        return self.interpreter.get_tensor(self.output["index"])
+
+    def __call__(self, images):
+        """uint8 (N, H, W, 3) -> float32 probabilities (N, classes)."""
+        images = np.asarray(images)
+        if images.dtype != np.uint8:
+            raise ValueError(f"images: expected uint8 pixels, got {images.dtype}")
+        out = []
+        for image in images:
+            x = image[None]
+            scale, zero = self.input["quantization"]
+            if scale:  # a quantised float input (full-integer model)
+                info = np.iinfo(self.input["dtype"])
+                x = np.clip(np.round(x.astype(np.float32) / scale + zero), info.min, info.max)
+            x = x.astype(self.input["dtype"])
+            y = self.invoke(x)
+            o_scale, o_zero = self.output["quantization"]
+            if self.output["dtype"] != np.float32:
+                y = (y.astype(np.float32) - o_zero) * o_scale
+            out.append(y[0])
+        return np.stack(out).astype(np.float32)
+
+
+class SavedModelRunner:
+    """A SavedModel's serving signature: uint8 images -> probabilities."""
+
+    def __init__(self, path):
+        import tensorflow as tf
+
+        self.fn = tf.saved_model.load(os.fspath(path)).signatures["serving_default"]
+        self.image_size = tuple(int(s) for s in self.fn.structured_input_signature[1]
+                                ["images"].shape[1:3])
+
+    def __call__(self, images):
+        return self.fn(images=np.asarray(images, np.uint8))["probabilities"].numpy()
+
+
+def load_predictor(path):
+    """A ``.keras`` file, run directory, SavedModel directory or ``.tflite`` file ->
+    (callable uint8 images -> probabilities, (height, width), class names or None)."""
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "saved_model.pb")):
+        runner = SavedModelRunner(path)
+        return runner, runner.image_size, read_labels(os.path.dirname(os.path.abspath(path)))
+    if os.path.isfile(path) and path.endswith(".tflite"):
+        try:
+            runner = TFLiteModel(path)
+        except (ValueError, RuntimeError) as e:
+            raise ValueError(f"MODEL: {path!r} is not a valid .tflite file ({e})") from None
+        return runner, runner.image_size, read_labels(path)
+    model, model_path = load_source(path)
+    fn = probability_fn(model)
+    return (lambda images: np.asarray(fn(images))), input_size(model), read_labels(model_path)
