@@ -2,8 +2,9 @@ import csv
 
 import keras
 import pytest
-from helpers import run_script, write_folder
+from helpers import run_main, run_script, write_folder
 
+from keras_resnet import cli as main_cli
 from keras_resnet import compare as C
 
 
@@ -56,6 +57,6 @@ def test_small_compare_run_writes_table_csv_and_plots(tmp_path):
     (["--data-dir", "/no/such/data"], "data_dir: '/no/such/data' is not a directory"),
 ])
 def test_bad_input_fails_before_work(flags, message, tmp_path):
-    r = cli("--output-dir", str(tmp_path / "o"), *flags)
+    r = run_main(main_cli.compare_main, "--output-dir", str(tmp_path / "o"), *flags)
     assert r.returncode == 2 and message in r.stderr
     assert not (tmp_path / "o").exists()

@@ -5,9 +5,10 @@ import re
 import keras
 import numpy as np
 import pytest
-from helpers import random_batchnorm_statistics, run_script, write_folder
+from helpers import random_batchnorm_statistics, run_main, run_script, write_folder
 from PIL import Image
 
+from keras_resnet import cli as main_cli
 from keras_resnet import export as E
 from keras_resnet import predict as P
 from keras_resnet.model import build_classifier
@@ -15,6 +16,14 @@ from keras_resnet.model import build_classifier
 
 def cli(script, *args):
     return run_script(script, *args)
+
+
+def export_cli(*args):
+    return run_main(main_cli.export_main, *args)
+
+
+def predict_cli(*args):
+    return run_main(main_cli.predict_main, *args)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +101,7 @@ def test_every_format_is_written_and_checked(exported, model_path):
 
 
 def test_default_export_writes_no_winograd_file(model_path, tmp_path):
-    result = cli("export_model.py", model_path, "--output-dir", str(tmp_path), "--formats",
+    result = export_cli(model_path, "--output-dir", str(tmp_path), "--formats",
                  "tflite_float32")
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(os.listdir(tmp_path)) == ["export_report.json", "labels.txt",
@@ -131,12 +140,12 @@ def test_full_integer_model_takes_raw_uint8(exported):
 def test_bad_export_inputs_write_nothing(model_path, folder, tmp_path):
     not_model = tmp_path / "notes.keras"
     not_model.write_text("hello")
-    result = cli("export_model.py", str(not_model), "--output-dir", str(tmp_path / "a"))
+    result = export_cli(str(not_model), "--output-dir", str(tmp_path / "a"))
     assert result.returncode == 2 and "is not a Keras model file" in result.stderr
-    result = cli("export_model.py", model_path, "--output-dir", str(tmp_path / "b"),
+    result = export_cli(model_path, "--output-dir", str(tmp_path / "b"),
                  "--formats", "tflite_int8")
     assert result.returncode == 2 and "needs calibration images" in result.stderr
-    result = cli("export_model.py", model_path, "--output-dir", str(tmp_path / "c"),
+    result = export_cli(model_path, "--output-dir", str(tmp_path / "c"),
                  "--formats", "onnx")
     assert result.returncode == 2 and "--formats: got ['onnx']" in result.stderr
     assert not any((tmp_path / d).exists() for d in "abc")
@@ -165,7 +174,7 @@ def test_predict_from_every_artifact_kind(exported, model_path, folder):
 def test_predict_converts_odd_images(model_path, tmp_path):
     Image.fromarray(np.full((50, 30), 90, np.uint8)).save(tmp_path / "gray.png")
     Image.fromarray(np.full((8, 8, 4), 90, np.uint8)).save(tmp_path / "rgba.png")
-    r = cli("predict.py", model_path, str(tmp_path), "--json", "--top-k", "1")
+    r = predict_cli(model_path, str(tmp_path), "--json", "--top-k", "1")
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(r.stdout.splitlines()) == 2
 
@@ -181,7 +190,7 @@ def test_predict_bad_inputs(model_path, tmp_path):
         ((str(tmp_path / "bad.tflite"), str(tmp_path / "broken.jpg")), "not a readable image"),
     ]
     for args, message in cases:
-        r = cli("predict.py", *args)
+        r = predict_cli(*args)
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr[-1000:])
 
 

@@ -9,7 +9,7 @@ import time
 import keras
 import numpy as np
 import pytest
-from helpers import ROOT, run_python, run_script, write_folder
+from helpers import ROOT, run_main, run_python, run_script, write_folder
 
 from keras_resnet import cli, evaluation
 from keras_resnet import training as T
@@ -103,7 +103,7 @@ def test_resume_after_kill_mid_epoch(folder, tmp_path):
 def test_resume_with_other_config_is_refused(folder, tmp_path):
     out = tmp_path / "run"
     T.train(T.smoke_config(data_dir=folder, output_dir=str(out), validation_size=8))
-    result = run_cli("--preset", "smoke", "--data-dir", folder, "--output-dir", str(out),
+    result = run_main(cli.train_main, "--preset", "smoke", "--data-dir", folder, "--output-dir", str(out),
                      "--validation-size", "8", "--lr", "0.5")
     assert result.returncode == 2
     assert "unfinished run with another config (lr: run has 0.2, asked 0.5)" in result.stderr
@@ -120,7 +120,7 @@ def test_resume_with_other_config_is_refused(folder, tmp_path):
 ])
 def test_bad_flags_fail_fast(flags, message, tmp_path):
     start = time.time()
-    result = run_cli("--output-dir", str(tmp_path / "o"), *flags)
+    result = run_main(cli.train_main, "--output-dir", str(tmp_path / "o"), *flags)
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
@@ -128,7 +128,7 @@ def test_bad_flags_fail_fast(flags, message, tmp_path):
 
 
 def test_help_lists_defaults():
-    result = run_cli("--help")
+    result = run_main(cli.train_main, "--help")
     assert result.returncode == 0
     for flag in ("--model", "--data-dir", "--epochs", "--batch-size", "--output-dir",
                  "--seed", "--max-train-images", "--max-eval-images", "--optimizer",
@@ -315,8 +315,8 @@ def test_config_file_errors_name_the_key(tmp_path):
         resolve(config={"optimiser": "adam"}, tmp_path=tmp_path)
     with pytest.raises(ValueError, match="must hold a JSON object"):
         resolve(config=[1, 2], tmp_path=tmp_path)
-    result = run_cli("--config", str(tmp_path / "missing.json"))
+    result = run_main(cli.train_main, "--config", str(tmp_path / "missing.json"))
     assert result.returncode == 2 and "--config: cannot read" in result.stderr
     (tmp_path / "bad.json").write_text(json.dumps({"epochs": 3, "lr_peak": 1}))
-    result = run_cli("--config", str(tmp_path / "bad.json"))
+    result = run_main(cli.train_main, "--config", str(tmp_path / "bad.json"))
     assert result.returncode == 2 and "unknown key(s) 'lr_peak'" in result.stderr
