@@ -10,6 +10,7 @@ from keras_resnet.model import (
     RESNET_SPECS,
     basic_block,
     bottleneck_block,
+    build_classifier,
     build_model,
     build_resnet,
     build_resnet18,
@@ -23,7 +24,8 @@ from keras_resnet.model import (
 
 __version__ = "0.1.0"
 __all__ = [
-    "MODELS", "RESNET_SPECS", "basic_block", "bottleneck_block", "build_model",
+    "MODELS", "RESNET_SPECS", "basic_block", "bottleneck_block", "build_classifier",
+    "build_model",
     "build_resnet", "build_resnet18", "build_resnet34", "build_resnet50",
     "build_resnet101", "build_resnet152", "resnet_stem", "stage",
 ]
