@@ -158,7 +158,7 @@ def test_predict_from_every_artifact_kind(exported, model_path, folder):
     results = {}
     for model in (model_path, str(out / "saved_model"), str(out / "model_float32.tflite"),
                   str(out / "model_int8.tflite")):
-        r = cli("predict.py", model, images, "--top-k", "2", "--json")
+        r = predict_cli(model, images, "--top-k", "2", "--json")
         assert r.returncode == 0, r.stderr[-2000:]
         lines = [json.loads(line) for line in r.stdout.splitlines()]
         assert len(lines) == 8 and all(len(x["top_k"]) == 2 for x in lines)
@@ -167,7 +167,7 @@ def test_predict_from_every_artifact_kind(exported, model_path, folder):
     keras_top = [x["top_k"][0][0] for x in results[model_path]]
     tflite_top = [x["top_k"][0][0] for x in results[str(out / "model_float32.tflite")]]
     assert keras_top == tflite_top
-    text = cli("predict.py", model_path, os.path.join(images, "0.jpg"))
+    text = cli("predict.py", model_path, os.path.join(images, "0.jpg"))  # the script itself
     assert text.returncode == 0 and text.stdout.startswith(os.path.join(images, "0.jpg") + ":")
 
 
