@@ -131,18 +131,18 @@ def _residual(x, convs, out_filters, stride, *, name, preact, avg_down,
     ``keras.applications.ResNet50V2``).
     """
     needs_projection = stride != 1 or x.shape[-1] != out_filters
-    y = x
+    y = pre = x
     for i, (filters, kernel, conv_stride, *groups) in enumerate(convs, start=1):
         last = i == len(convs)
         if preact:
             y = batch_norm(y, name=f"{name}_bn{i}")
             y = layers.ReLU(name=f"{name}_relu{i}")(y)
-            if i == 1 and needs_projection:
-                x = y
+            if i == 1:
+                pre = y  # the pre-activated input, for a projection shortcut only
         y = conv_bn(y, filters, kernel, conv_stride, name=name, index=i,
                     groups=groups[0] if groups else 1, bn=not preact,
                     relu=not (last or preact), zero_gamma=last and zero_init_residual)
-    skip = (shortcut(x, out_filters, stride, name=name, avg_down=avg_down,
+    skip = (shortcut(pre, out_filters, stride, name=name, avg_down=avg_down,
                      preact=preact) if needs_projection else x)
     y = layers.Add(name=f"{name}_add")([skip, y])
     if not preact:
@@ -169,14 +169,15 @@ def resnet_stem(x, kind="imagenet", *, width=64, preact=False, name="stem"):
     With ``preact`` the last stem conv has no BN-ReLU: the first block
     normalises its input itself (ResNet v2).
     """
+    last = {"bn": not preact, "relu": not preact}  # options of the last stem conv
     if kind == "cifar":
-        return conv_bn(x, width, 3, 1, name=name, index=1, bn=not preact, relu=not preact)
+        return conv_bn(x, width, 3, 1, name=name, index=1, **last)
     if kind == "imagenet":
-        x = conv_bn(x, width, 7, 2, name=name, index=1, bn=not preact, relu=not preact)
+        x = conv_bn(x, width, 7, 2, name=name, index=1, **last)
     else:
         x = conv_bn(x, width // 2, 3, 2, name=name, index=1)
         x = conv_bn(x, width // 2, 3, 1, name=name, index=2)
-        x = conv_bn(x, width, 3, 1, name=name, index=3, bn=not preact, relu=not preact)
+        x = conv_bn(x, width, 3, 1, name=name, index=3, **last)
     # v1: zero padding equals PyTorch's -inf padding, the input being post-ReLU.
     # v2 pads with zeros too, as keras.applications.ResNet50V2 and timm's
     # "fixed" stems do.

@@ -26,6 +26,7 @@ OPTIMIZERS = ("sgd", "nesterov", "rmsprop", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine", "onecycle")
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 STRATEGIES = ("default", "mirrored", "multiworker")
+ONE_CYCLE_START = 1 / 25  # one-cycle warm-up starts at this fraction of the peak LR
 LR_REFERENCE_BATCH = 128  # ``lr`` is given per 128 images; scaled linearly with the batch
 # Fields that may differ when a run directory is resumed (they do not change the math).
 RESUMABLE_FIELDS = ("output_dir", "verbose", "tta_flip")
@@ -194,8 +195,8 @@ def make_optimizer(config, schedule, model):
 def make_schedule(config, steps_per_epoch, lr):
     """The LR schedule over ``config.epochs`` (a function of the optimiser step).
 
-    "cosine" warms up linearly from 0 and "onecycle" from ``lr / 25`` (the
-    one-cycle start), both then cosine down to 0: Keras's ``CosineDecay`` with
+    "cosine" warms up linearly from 0 and "onecycle" from ``lr * ONE_CYCLE_START``,
+    both then cosine down to 0: Keras's ``CosineDecay`` with
     ``warmup_target``.
     """
     total = config.epochs * steps_per_epoch
@@ -206,7 +207,7 @@ def make_schedule(config, steps_per_epoch, lr):
         bounds = [int(float(m) * total) for m in config.step_milestones.split(",")]
         values = [lr * config.step_gamma ** i for i in range(len(bounds) + 1)]
         return keras.optimizers.schedules.PiecewiseConstantDecay(bounds, values)
-    start = lr / 25 if config.schedule == "onecycle" else 0.0
+    start = lr * ONE_CYCLE_START if config.schedule == "onecycle" else 0.0
     return keras.optimizers.schedules.CosineDecay(
         start, total - warmup, warmup_target=lr, warmup_steps=warmup)
 
@@ -217,7 +218,7 @@ class OneCycle(keras.optimizers.schedules.CosineDecay):
     schedule by name; it is the same curve as ``make_schedule``'s "onecycle"."""
 
     def __init__(self, peak, total_steps, warmup_steps):
-        super().__init__(peak / 25, total_steps - warmup_steps, warmup_target=peak,
+        super().__init__(peak * ONE_CYCLE_START, total_steps - warmup_steps, warmup_target=peak,
                          warmup_steps=warmup_steps)
         self.peak, self.total_steps = peak, total_steps
 

@@ -42,19 +42,20 @@ def random_batchnorm_statistics(model, seed=0):
     return model
 
 
+def _run(argv, timeout, env):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+    return subprocess.run([sys.executable, *argv], check=False, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
 def run_script(script, *args, timeout=600, env=None):
     """Run ``scripts/<script>`` in a fresh Python; returns the CompletedProcess."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
-    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", script), *args],
-                          check=False, capture_output=True, text=True, timeout=timeout,
-                          env=env)
+    return _run([os.path.join(ROOT, "scripts", script), *args], timeout, env)
 
 
 def run_python(code, *args, timeout=600, env=None):
     """Run ``python -c code args`` in a fresh process; returns the CompletedProcess."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
-    return subprocess.run([sys.executable, "-c", code, *args], check=False,
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    return _run(["-c", code, *args], timeout, env)
 
 
 def run_main(main, *args):

@@ -14,10 +14,6 @@ from keras_resnet import predict as P
 from keras_resnet.model import build_classifier
 
 
-def cli(script, *args):
-    return run_script(script, *args)
-
-
 def export_cli(*args):
     return run_main(main_cli.export_main, *args)
 
@@ -46,7 +42,7 @@ def model_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(model_path, folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "artifacts"
-    result = cli("export_model.py", model_path, "--output-dir", str(out), "--formats",
+    result = run_script("export_model.py", model_path, "--output-dir", str(out), "--formats",
                  ",".join(E.FORMATS), "--winograd", "--data-dir", folder,
                  "--calibration-images", "20")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -167,7 +163,7 @@ def test_predict_from_every_artifact_kind(exported, model_path, folder):
     keras_top = [x["top_k"][0][0] for x in results[model_path]]
     tflite_top = [x["top_k"][0][0] for x in results[str(out / "model_float32.tflite")]]
     assert keras_top == tflite_top
-    text = cli("predict.py", model_path, os.path.join(images, "0.jpg"))  # the script itself
+    text = run_script("predict.py", model_path, os.path.join(images, "0.jpg"))  # the script itself
     assert text.returncode == 0 and text.stdout.startswith(os.path.join(images, "0.jpg") + ":")
 
 
@@ -197,7 +193,8 @@ def test_predict_bad_inputs(model_path, tmp_path):
 @pytest.mark.slow
 def test_benchmark_export_script(exported):
     out, _ = exported
-    r = cli("benchmark_export.py", str(out), "--runs", "100", "--warmup", "2", "--rounds", "1")
+    r = run_script("benchmark_export.py", str(out), "--runs", "100", "--warmup", "2",
+                   "--rounds", "1")
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(result["artifacts"]) == set(E.ALL_FORMATS)

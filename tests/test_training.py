@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers import ROOT, run_main, run_python, run_script, write_folder
 
-from keras_resnet import cli, evaluation
+from keras_resnet import cli, data, evaluation
 from keras_resnet import training as T
 from keras_resnet.model import build_classifier
 
@@ -59,8 +59,8 @@ def test_smoke_run_writes_the_run_directory(folder, tmp_path):
     best = keras.saving.load_model(tmp_path / "run" / "best.keras", compile=False)
     assert best.get_layer("normalize") is not None and best.output.shape == (None, 3)
     # The reported top-1 is the best checkpoint's, recomputed here without flip TTA.
-    splits = T.data_lib.load_splits(data_dir=folder, validation_size=8, max_eval_images=16)
-    test_ds = T.data_lib.make_eval_dataset(splits.test, 8, 3)
+    splits = data.load_splits(data_dir=folder, validation_size=8, max_eval_images=16)
+    test_ds = data.make_eval_dataset(splits.test, 8, 3)
     plain = evaluation.evaluate(best, test_ds, splits.class_names)
     assert_consistent_scores(plain, 16)
     probs, labels = evaluation.predict_probabilities(best, test_ds)
