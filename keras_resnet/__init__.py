@@ -21,11 +21,12 @@ from keras_resnet.model import (
     resnet_stem,
     stage,
 )
+from keras_resnet.weights import save_torch_weights
 
 __version__ = "0.1.0"
 __all__ = [
     "MODELS", "RESNET_SPECS", "basic_block", "bottleneck_block", "build_classifier",
     "build_model",
     "build_resnet", "build_resnet18", "build_resnet34", "build_resnet50",
-    "build_resnet101", "build_resnet152", "resnet_stem", "stage",
+    "build_resnet101", "build_resnet152", "resnet_stem", "save_torch_weights", "stage",
 ]

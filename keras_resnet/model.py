@@ -193,7 +193,10 @@ def build_resnet(depth=18, *, include_top=True, weights=None, input_tensor=None,
     """Build a ResNet of the given depth (18, 34, 50, 101, 152).
 
     Arguments follow ``keras.applications.ResNet50``: ``include_top``,
-    ``weights`` (None or the path of a ``.weights.h5`` / ``.keras`` file),
+    ``weights`` (None, ``"imagenet"``, or the path of a PyTorch ``.pth`` /
+    ``.safetensors`` checkpoint or a ``.weights.h5`` / ``.keras`` file; see
+    ``keras_resnet.weights``; the model takes the raw input the weights' reference
+    network takes, e.g. ImageNet-normalised pixels),
     ``input_tensor``, ``input_shape``, ``pooling`` (None, "avg", "max", used
     when ``include_top=False``), ``classes``, ``classifier_activation``
     (None gives logits), ``name``. Variants:
@@ -252,10 +255,13 @@ def build_resnet(depth=18, *, include_top=True, weights=None, input_tensor=None,
 
     if input_tensor is not None:
         inputs = keras.utils.get_source_inputs(input_tensor)
-    model = keras.Model(inputs, x, name=name or _default_name(
-        depth, stem, preact, avg_down, cardinality, base_width, width_multiplier))
+    arch = _default_name(depth, stem, preact, avg_down, cardinality, base_width,
+                         width_multiplier)
+    model = keras.Model(inputs, x, name=name or arch)
     if weights is not None:
-        load_weights(model, weights)
+        from keras_resnet.weights import load_weights
+
+        load_weights(model, weights, arch=arch)
     return model
 
 
@@ -275,21 +281,6 @@ def _default_name(depth, stem, preact, avg_down, cardinality, base_width,
     if avg_down:
         base += "_avgdown"
     return base if stem == "imagenet" else f"{base}_{stem}"
-
-
-def load_weights(model, path):
-    """Load a weights file into ``model``; a mismatch is a ``ValueError``."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"weights: file not found: {path!r} (pass None or the "
-                         "path of a .weights.h5 or .keras file)")
-    if not path.endswith((".weights.h5", ".keras")):
-        raise ValueError(f"weights: {path!r} must end in .weights.h5 or .keras")
-    try:
-        model.load_weights(path)
-    except (ValueError, OSError, KeyError, TypeError) as e:  # Keras raises several types.
-        raise ValueError(f"weights: {path!r} does not fit the architecture of "
-                         f"{model.name!r}: {e}") from None
 
 
 def _validate(depth, stem, pooling, classes, input_shape, weights,
@@ -313,7 +304,7 @@ def _validate(depth, stem, pooling, classes, input_shape, weights,
             raise ValueError(f"input_shape: got {input_shape!r}; the {stem!r} "
                              f"stem needs height and width >= {min_size}")
     if weights is not None and not isinstance(weights, (str, os.PathLike)):
-        raise ValueError(f"weights: got {weights!r}; pass None or a file path")
+        raise ValueError(f"weights: got {weights!r}; pass None, 'imagenet' or a file path")
     if RESNET_SPECS[depth][0] == "basic" and (cardinality != 1 or base_width != 64):
         raise ValueError("cardinality / base_width: basic blocks (depth 18, 34) "
                          "support only cardinality=1 and base_width=64")

@@ -61,6 +61,9 @@ def torch_to_keras_name(module, *, deep_stem=False, avg_down=False):
 def load_torch_state_dict(model, state_dict):
     """Copy PyTorch ResNet weights (NumPy arrays) into ``model``.
 
+    A model without a classifier (``include_top=False``) ignores the
+    checkpoint's head (``fc`` / ``head.fc``).
+
     Raises:
         ValueError: a key has no layer in ``model``, a shape does not fit, or a
             layer of ``model`` with weights got none.
@@ -74,6 +77,8 @@ def load_torch_state_dict(model, state_dict):
             continue
         name = torch_to_keras_name(module, deep_stem=deep_stem, avg_down=avg_down)
         grouped.setdefault(name, {})[param] = np.asarray(value)
+    if not any(layer.name == "predictions" for layer in model.layers):
+        grouped.pop("predictions", None)
     for layer in model.layers:
         if not layer.weights:
             continue
@@ -96,3 +101,68 @@ def load_torch_state_dict(model, state_dict):
         layer.set_weights(values)
     if grouped:
         raise ValueError(f"state_dict: no layer for {sorted(grouped)[:5]}")
+
+
+def keras_to_torch_name(layer, *, deep_stem=False, avg_down=False, preact=False):
+    """The inverse of :func:`torch_to_keras_name`: our layer name -> PyTorch module path.
+
+    The layout follows the model: torchvision for plain ResNets, timm's
+    ``resnet*d`` for a deep stem / average-pool shortcut, timm's ``resnetv2``
+    for pre-activation models.
+    """
+    if preact:
+        top = {v: k for k, v in _V2_TOP.items()}
+        if layer in top:
+            return top[layer]
+        stem = re.fullmatch(r"stem_(conv|bn)(\d)", layer)
+        if stem:
+            return f"stem.{'norm' if stem[1] == 'bn' else 'conv'}{stem[2]}"
+    elif deep_stem and layer in _DEEP_STEM.values():
+        return next(k for k, v in _DEEP_STEM.items() if v == layer)
+    elif layer in ("stem_conv1", "stem_bn1"):
+        return layer[len("stem_"):]
+    elif layer == "predictions":
+        return "fc"
+    match = re.fullmatch(r"stage(\d)_block(\d+)_(conv\d|bn\d|down_conv|down_bn)", layer)
+    if not match:
+        raise ValueError(f"layer {layer!r} has no PyTorch counterpart")
+    stage_index, block, part = int(match[1]), int(match[2]) - 1, match[3]
+    if preact:
+        part = part.replace("bn", "norm").replace("down_conv", "downsample.conv")
+        return f"stages.{stage_index - 1}.blocks.{block}.{part}"
+    offset = 1 if avg_down else 0  # ResNet-D: downsample.0 is the pool
+    part = {"down_conv": f"downsample.{offset}", "down_bn": f"downsample.{offset + 1}"}.get(
+        part, part)
+    return f"layer{stage_index}.{block}.{part}"
+
+
+def torch_state_dict(model):
+    """``model``'s weights as a PyTorch ``state_dict`` of NumPy arrays (the reference
+    key names and layouts, ``num_batches_tracked`` included, so that
+    ``load_state_dict(strict=True)`` accepts it)."""
+    names = {layer.name for layer in model.layers}
+    layout = {"deep_stem": "stem_conv3" in names, "preact": "post_bn" in names,
+              "avg_down": any(n.endswith("_down_pool") for n in names)}
+    state = {}
+    for layer in model.layers:
+        if not layer.weights:
+            continue
+        module = keras_to_torch_name(layer.name, **layout)
+        values = [np.asarray(w) for w in layer.get_weights()]
+        kind = type(layer).__name__
+        if kind == "BatchNormalization":
+            for param, v in zip(("weight", "bias", "running_mean", "running_var"), values,
+                                strict=True):
+                state[f"{module}.{param}"] = v
+            state[f"{module}.num_batches_tracked"] = np.zeros((), np.int64)
+            continue
+        if kind == "Dense":
+            weight = values[0].T  # (in, out) -> (out, in)
+            if layout["preact"]:  # timm resnetv2's head is a 1x1 conv
+                weight = weight[:, :, None, None]
+        else:  # (kh, kw, in, out) -> (out, in, kh, kw)
+            weight = values[0].transpose(3, 2, 0, 1)
+        state[f"{module}.weight"] = weight
+        if len(values) > 1:
+            state[f"{module}.bias"] = values[1]
+    return {k: np.ascontiguousarray(v) for k, v in state.items()}
