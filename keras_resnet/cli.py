@@ -61,8 +61,11 @@ def _fail(message):
 PRESETS = ("recipe", "baseline", "smoke")
 
 
-def resolve_train_config(argv=None):
-    """The ``TrainConfig`` of a command line: preset < ``--config`` file < typed flags.
+def resolve_train_config(argv=None, cls=None):
+    """The config of a command line: preset < ``--config`` file < typed flags.
+
+    ``cls`` is ``TrainConfig`` (the default; with ``--preset``) or
+    ``FinetuneConfig`` (its defaults are the starting point).
 
     Raises:
         ValueError: the ``--config`` file cannot be read, is not a JSON object,
@@ -73,15 +76,18 @@ def resolve_train_config(argv=None):
 
     from keras_resnet import training
 
-    parser = _config_parser(training.TrainConfig, train_main.__doc__)
-    parser.add_argument("--preset", choices=PRESETS, default="recipe",
-                        help="starting point (default: recipe); --config and typed flags "
-                        "override it")
-    parser.add_argument("--config", help="JSON file of config fields; overrides the preset, "
-                        "typed flags override it")
+    cls = cls or training.TrainConfig
+    finetuning = cls is training.FinetuneConfig
+    parser = _config_parser(cls, (finetune_main if finetuning else train_main).__doc__)
+    if not finetuning:
+        parser.add_argument("--preset", choices=PRESETS, default="recipe",
+                            help="starting point (default: recipe); --config and typed "
+                            "flags override it")
+    parser.add_argument("--config", help="JSON file of config fields; overrides the "
+                        "defaults, typed flags override it")
     args = vars(parser.parse_args(argv))
-    preset, config_file = args.pop("preset"), args.pop("config")
-    values = dataclasses.asdict({"recipe": training.TrainConfig,
+    preset, config_file = args.pop("preset", None), args.pop("config")
+    values = dataclasses.asdict({None: cls, "recipe": training.TrainConfig,
                                  "baseline": training.baseline_config,
                                  "smoke": training.smoke_config}[preset]())
     if config_file:
@@ -99,7 +105,7 @@ def resolve_train_config(argv=None):
                              f"{config_file!r}; allowed: {', '.join(values)}")
         values.update(from_file)
     values.update(args)  # only the flags the user typed are in args
-    return training.TrainConfig(**values)
+    return cls(**values)
 
 
 def train_main(argv=None):
@@ -112,6 +118,22 @@ def train_main(argv=None):
         config = resolve_train_config(argv)
         config.validate()
         report = training.train(config)
+    except (ValueError, TypeError) as e:
+        _fail(str(e))
+    summary = {k: v for k, v in report.items() if k != "confusion_matrix"}
+    print(json.dumps(summary))
+
+
+def finetune_main(argv=None):
+    """Fine-tune pretrained weights on an image folder (linear, top or full); resumable."""
+    import json
+
+    from keras_resnet import training
+
+    try:
+        config = resolve_train_config(argv, training.FinetuneConfig)
+        config.validate()
+        report = training.finetune(config)
     except (ValueError, TypeError) as e:
         _fail(str(e))
     summary = {k: v for k, v in report.items() if k != "confusion_matrix"}

@@ -8,6 +8,7 @@ what training saw.
 """
 
 import dataclasses
+import glob
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,12 @@ import tensorflow as tf
 
 AUTOTUNE = tf.data.AUTOTUNE
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+DECODABLE_FORMATS = ("JPEG", "PNG", "BMP", "GIF")  # what tf.io.decode_image reads (PIL names)
+CACHES = ("auto", "memory", "none")  # or a folder path: a disk cache
+SCAN_LIMIT = 20_000    # splits up to this many files get their headers read up front
+SIZE_SAMPLE = 256      # headers read from a larger split, for its sizes
+STATS_SAMPLE = 5_000   # images the channel statistics come from when not cached in memory
+DISK_SHUFFLE_BUFFER = 10_000  # images in the shuffle window over a disk cache
 TFDS_DATASETS = ("cifar10", "cifar100")
 # Known per-channel statistics (0..255 scale) of the official training splits.
 KNOWN_STATS = {
@@ -45,6 +52,7 @@ class Splits:
     num_validation: int
     num_test: int
     report: dict = dataclasses.field(default_factory=dict)
+    pre_shuffled: bool = False  # train streams in a fresh order each epoch already
 
     @property
     def num_classes(self):
@@ -55,8 +63,12 @@ class Splits:
 class AugmentConfig:
     """Training-time augmentation; every image draws its own parameters."""
 
-    crop_flip: bool = True        # pad-and-random-crop + horizontal flip (CIFAR default)
-    crop_padding: int = 4         # pixels of zero padding for the random crop
+    crop_flip: bool = True        # random crop + horizontal flip
+    crop: str = "pad"             # "pad": pad-and-crop at the image size (CIFAR); "resized":
+    #                               random resized crop from the full image (ImageNet)
+    crop_padding: int = 4         # pixels of zero padding for the "pad" crop
+    crop_scale: tuple = (0.08, 1.0)   # "resized": range of the crop's share of the area
+    crop_ratio: tuple = (3 / 4, 4 / 3)  # "resized": range of the crop's aspect ratio
     rotation: float = 0.0         # max rotation in degrees; 0 = off
     color_jitter: float = 0.0     # brightness / contrast / saturation strength 0..1; 0 = off
     erasing: float = 0.0          # probability of random erasing (cutout) per image; 0 = off
@@ -76,6 +88,14 @@ class AugmentConfig:
                 raise ValueError(f"augment.{field}: got {getattr(self, field)}; must be <= 1")
         if self.mixup and self.cutmix:
             raise ValueError("augment: mixup and cutmix are exclusive; set one of them to 0")
+        if self.crop not in ("pad", "resized"):
+            raise ValueError(f"augment.crop: got {self.crop!r}; allowed: pad, resized")
+        for field, top in (("crop_scale", 1.0), ("crop_ratio", None)):
+            lo_hi = getattr(self, field)
+            if (len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]
+                    or (top is not None and lo_hi[1] > top)):
+                raise ValueError(f"augment.{field}: got {lo_hi!r}; must be (low, high) with "
+                                 f"0 < low <= high{' <= 1' if top else ''}")
 
 
 # ----------------------------------------------------------------------------- sources
@@ -83,7 +103,8 @@ class AugmentConfig:
 
 def load_splits(dataset="cifar10", *, data_dir=None, tfds_data_dir=None,
                 validation_size=5000, max_train_images=None, max_eval_images=None,
-                image_size=None, seed=0):
+                image_size=None, seed=0, cache="auto", resize_train=True,
+                eval_crop_ratio=1.0, stats=True, shard=None):
     """Load train / validation / test splits from tfds or an image folder.
 
     Args:
@@ -93,26 +114,46 @@ def load_splits(dataset="cifar10", *, data_dir=None, tfds_data_dir=None,
         tfds_data_dir: tfds data directory (default: ``TFDS_DATA_DIR`` or
             ~/tensorflow_datasets).
         validation_size: images carved from the training split for validation
-            (a ``root/val`` folder is used instead when present); 0 = none.
+            (a ``root/val`` folder is used instead when present); 0 = none; None =
+            a tenth of a folder's training images (5,000 for tfds).
         max_train_images, max_eval_images: use subsets (a seeded choice for
             folders, the first N for tfds), cut after the validation split is
             carved, so it stays the same set.
-        image_size: (height, width) for folders; default: the most common size.
-        seed: seeds the subset choice.
+        image_size: N or (height, width) for folders; default: the most common size.
+        seed: seeds the subset choice and the streamed order.
+        cache: folders: "memory" keeps the decoded images in RAM, "none" decodes
+            them every epoch (memory stays flat, whatever the folder's size), a
+            folder path caches them on disk; "auto" = memory when a split fits a
+            quarter of the RAM (estimated from its image headers), else none.
+        resize_train: folders: decode training images to ``image_size`` (for the
+            pad-and-crop augmentation); False keeps their own size, for
+            ``make_train_dataset``'s random resized crop.
+        eval_crop_ratio: folders: validation / test images are resized so that
+            ``image_size`` covers this fraction of them, then centre-cropped.
+        stats: compute the training split's channel mean / std (not needed
+            with pretrained weights, which bring their own).
+        shard: (count, index): this worker's disjoint share of the training files.
 
     Raises:
         DataError: the data is missing; the message says what was looked for.
     """
-    if validation_size < 0:
-        raise ValueError(f"validation_size: got {validation_size}; must be >= 0")
+    if validation_size is not None and validation_size < 0:
+        raise ValueError(f"validation_size: got {validation_size}; must be >= 0 or None")
     for name, value in (("max_train_images", max_train_images),
                         ("max_eval_images", max_eval_images)):
         if value is not None and value < 1:
             raise ValueError(f"{name}: got {value}; must be >= 1 or None")
+    if not (cache in CACHES or isinstance(cache, (str, os.PathLike))):
+        raise ValueError(f"cache: got {cache!r}; allowed: {', '.join(CACHES)} or a folder")
+    if not 0 < eval_crop_ratio <= 1:
+        raise ValueError(f"eval_crop_ratio: got {eval_crop_ratio}; must be in (0, 1]")
     if data_dir is not None:
         return _folder_splits(data_dir, validation_size, max_train_images,
-                              max_eval_images, image_size, seed)
-    return _tfds_splits(dataset, tfds_data_dir, validation_size, max_train_images,
+                              max_eval_images, image_size, seed, cache=cache,
+                              resize_train=resize_train, eval_crop_ratio=eval_crop_ratio,
+                              stats=stats, shard=shard)
+    return _tfds_splits(dataset, tfds_data_dir,
+                        5000 if validation_size is None else validation_size, max_train_images,
                         max_eval_images)
 
 
@@ -158,7 +199,11 @@ def _tfds_splits(dataset, data_dir, validation_size, max_train, max_eval):
 
 
 def list_image_folder(split_dir, class_names=None):
-    """Files and labels of ``split_dir/<class>/*``, class folders sorted into labels."""
+    """Image files and labels of ``split_dir/<class>/*``, class folders sorted into labels.
+
+    Returns (paths, labels, class_names, empty class folders, files skipped for
+    their extension); only ``IMAGE_EXTENSIONS`` are listed.
+    """
     if not os.path.isdir(split_dir):
         raise DataError(f"image folder split not found: {split_dir!r}; expected "
                         "<root>/<split>/<class>/*.jpg|png")
@@ -172,38 +217,43 @@ def list_image_folder(split_dir, class_names=None):
     if unknown:
         raise DataError(f"{split_dir!r} has class folders not in the training split: "
                         f"{sorted(unknown)}")
-    paths, labels, empty = [], [], []
+    paths, labels, empty, other = [], [], [], 0
     for label, name in enumerate(class_names):
         folder = os.path.join(split_dir, name)
         files = sorted(f for f in os.listdir(folder) if not f.startswith(".")) \
             if os.path.isdir(folder) else []
         files = [os.path.join(folder, f) for f in files
                  if os.path.isfile(os.path.join(folder, f))]
-        if not files:
+        images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+        other += len(files) - len(images)
+        if not images:
             empty.append(name)
-        paths += files
-        labels += [label] * len(files)
-    return paths, labels, class_names, empty
+        paths += images
+        labels += [label] * len(images)
+    return paths, labels, class_names, empty, other
 
 
 def scan_images(paths):
-    """Open every file once with PIL: which decode, their modes and sizes.
+    """Read every file's image header with PIL: (mode, (height, width)) or None.
 
-    TensorFlow's decoders fail deep inside a pipeline on a corrupt file; this
-    check up front lets us skip such files and report how many.
+    Only the header is read (no pixels), so the scan is cheap at any image
+    size. None marks a file that is no image, or one in a format TensorFlow's
+    decoder cannot read (TIFF, WebP, ...): the pipeline would fail on it.
+    Bodies that are corrupt past the header are dropped by the pipeline.
     """
     from PIL import Image
 
     def probe(path):
         try:
             with Image.open(path) as im:
-                im.load()
+                if im.format not in DECODABLE_FORMATS:
+                    return None
                 return im.mode, im.size[::-1]
         except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
             return None
 
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        return list(pool.map(probe, paths, chunksize=256))
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(probe, paths, chunksize=64))
 
 
 def _subset(paths, labels, limit, seed):
@@ -214,38 +264,79 @@ def _subset(paths, labels, limit, seed):
     return paths, labels
 
 
-def _readable(paths, labels, empty, report, key):
-    """The files PIL can open, with what was skipped or converted in ``report[key]``."""
-    info = scan_images(paths)
-    good = [i for i, v in enumerate(info) if v is not None]
+def _readable(paths, labels, empty, other, report, key):
+    """Probe the files (all of them up to ``SCAN_LIMIT``, else a sample for the sizes);
+    what was skipped or converted goes to ``report[key]``."""
+    scanned, listed = len(paths) <= SCAN_LIMIT, len(paths)
+    if scanned:
+        info = scan_images(paths)
+        good = [i for i, v in enumerate(info) if v is not None]
+        paths, labels = [paths[i] for i in good], [labels[i] for i in good]
+    else:  # large folder: no up-front pass; bad files are dropped in the pipeline
+        sample = np.random.default_rng(0).choice(len(paths), SIZE_SAMPLE, replace=False)
+        info = scan_images([paths[i] for i in sample])
+    info = [v for v in info if v is not None]
     report[key] = {
-        "images": len(good),
-        "skipped_unreadable": len(paths) - len(good),
-        "converted_mode": sum(1 for v in info if v and v[0] != "RGB"),
+        "images": len(paths),
+        "skipped_unreadable": listed - len(paths),  # by the header scan; 0 if not scanned
+        "skipped_not_image": other,
+        "scanned": scanned,
+        "converted_mode": sum(1 for v in info if v[0] != "RGB"),
         "empty_class_folders": empty,
-        "sizes": dict(Counter(f"{v[1][0]}x{v[1][1]}" for v in info if v).most_common()),
+        "sizes": dict(Counter(f"{v[1][0]}x{v[1][1]}" for v in info).most_common()),
+        "mean_pixels": float(np.mean([v[1][0] * v[1][1] for v in info])) if info else 0.0,
     }
-    return [paths[i] for i in good], [labels[i] for i in good]
+    return paths, labels
 
 
 def _folder_split(split_dir, class_names, limit, seed, report, key):
-    paths, labels, _, empty = list_image_folder(split_dir, class_names)
-    return _readable(*_subset(paths, labels, limit, seed), empty, report, key)
+    paths, labels, _, empty, other = list_image_folder(split_dir, class_names)
+    return _readable(*_subset(paths, labels, limit, seed), empty, other, report, key)
 
 
-def _folder_splits(root, validation_size, max_train, max_eval, image_size, seed):
+def _shard(paths, labels, shard):
+    """Worker ``index`` of ``count``: every count-th file, all shards the same length."""
+    if shard is None:
+        return paths, labels
+    count, index = shard
+    per_worker = len(paths) // count
+    return paths[index::count][:per_worker], labels[index::count][:per_worker]
+
+
+def _memory_budget():
+    """Bytes of decoded images that ``cache="auto"`` keeps in RAM: a quarter of it."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+
+
+def _cache_kind(cache, num_bytes, budget):
+    if cache == "auto":
+        return "memory" if num_bytes <= budget else "none"
+    return cache if cache in ("memory", "none") else "path"
+
+
+def _folder_splits(root, validation_size, max_train, max_eval, image_size, seed, *,
+                   cache="auto", resize_train=True, eval_crop_ratio=1.0, stats=True,
+                   shard=None, memory_budget=None):
     if not os.path.isdir(root):
         raise DataError(f"image folder not found: {root!r}; expected "
                         f"{root}/train/<class>/*.jpg|png (and optionally test/, val/)")
     report = {}
     # As with tfds: the validation split is carved first, then both are cut
     # to max_train / max_eval, so a small trial keeps a proper validation set.
-    train_paths, train_labels, names, empty = list_image_folder(os.path.join(root, "train"))
+    train_paths, train_labels, names, empty, other = list_image_folder(
+        os.path.join(root, "train"))
     if not train_paths:
-        raise DataError(f"no image files under {os.path.join(root, 'train')!r}")
+        raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under "
+                        f"{os.path.join(root, 'train')!r}")
+    if len(names) - len(empty) < 2:
+        raise DataError(f"{os.path.join(root, 'train')!r} has images of "
+                        f"{len(names) - len(empty)} class; a classifier needs at least 2 "
+                        "class folders with images")
     val_dir = next((os.path.join(root, d) for d in ("val", "validation")
                     if os.path.isdir(os.path.join(root, d))), None)
     val = None
+    if validation_size is None:
+        validation_size = max(1, len(train_paths) // 10)
     if val_dir:
         val = _folder_split(val_dir, names, max_eval, seed, report, "validation")
     elif validation_size:
@@ -258,12 +349,13 @@ def _folder_splits(root, validation_size, max_train, max_eval, image_size, seed)
         vi, ti = np.sort(order[:validation_size]), np.sort(order[validation_size:])
         val_files = _subset([train_paths[i] for i in vi], [train_labels[i] for i in vi],
                             max_eval, seed)
-        val = _readable(*val_files, [], report, "validation")
+        val = _readable(*val_files, [], 0, report, "validation")
         report["validation"]["carved_from"] = "train"
         train_paths = [train_paths[i] for i in ti]
         train_labels = [train_labels[i] for i in ti]
-    train_paths, train_labels = _readable(
-        *_subset(train_paths, train_labels, max_train, seed), empty, report, "train")
+    train_paths, train_labels = _shard(*_readable(
+        *_subset(train_paths, train_labels, max_train, seed), empty, other, report, "train"),
+        shard)
     if not train_paths:
         raise DataError(f"no readable images under {os.path.join(root, 'train')!r}")
     test = None
@@ -272,34 +364,140 @@ def _folder_splits(root, validation_size, max_train, max_eval, image_size, seed)
                              "test")
     if image_size is None:  # the most common size of the training images
         image_size = next(iter(report["train"]["sizes"])).split("x")
+    image_size = (image_size, image_size) if isinstance(image_size, int) else image_size
     image_size = tuple(int(s) for s in image_size)
-    train = folder_dataset(train_paths, train_labels, image_size).cache()
-    mean, std = channel_stats(train)
-    return Splits(train, val and folder_dataset(*val, image_size).cache(),
-                  test and folder_dataset(*test, image_size).cache(), names, image_size,
-                  mean, std, len(train_paths), len(val[0]) if val else 0,
-                  len(test[0]) if test else 0, report)
+    budget = _memory_budget() if memory_budget is None else memory_budget
+    pixels = report["train"]["mean_pixels"] if not resize_train else np.prod(image_size)
+    train_cache = _cache_kind(cache, len(train_paths) * pixels * 3, budget)
+    report["train"]["cache"] = train_cache
+    train = _train_source(train_paths, train_labels, image_size, resize_train, train_cache,
+                          cache, seed)
+
+    def held_out(files, key):
+        if not files:
+            return None
+        kind = _cache_kind(cache, len(files[0]) * np.prod(image_size) * 3, budget)
+        ds = folder_dataset(*files, image_size, crop_ratio=eval_crop_ratio)
+        return _cached(ds, kind, cache, key)
+
+    mean, std = (0.0,) * 3, (1.0,) * 3
+    if stats:
+        # Over every training image when they are in memory (one pass, which
+        # fills the cache); else over a seeded sample, decoded once.
+        sample = (train if train_cache == "memory" and resize_train else
+                  folder_dataset(*_subset(train_paths, train_labels, STATS_SAMPLE, seed),
+                                 image_size, crop_ratio=eval_crop_ratio))
+        mean, std = channel_stats(sample)
+    return Splits(train, held_out(val, "validation"), held_out(test, "test"), names,
+                  image_size, mean, std, len(train_paths), len(val[0]) if val else 0,
+                  len(test[0]) if test else 0, report,
+                  pre_shuffled=train_cache != "memory")
 
 
-def decode_image(data, image_size):
-    """Encoded bytes -> uint8 (H, W, 3): grayscale / RGBA converted, odd sizes resized.
+def _cached(ds, kind, cache, key):
+    if kind == "memory":
+        return ds.cache()
+    if kind == "path":
+        os.makedirs(cache, exist_ok=True)
+        prefix = os.path.join(cache, key)
+        for stale in glob.glob(prefix + "*.lockfile"):  # left by a killed run
+            os.remove(stale)
+        return ds.cache(prefix)
+    return ds
 
-    The one decoder for training, evaluation, calibration and prediction.
+
+def _train_source(paths, labels, image_size, resize, kind, cache, seed):
+    """The training images, decoded in parallel: cached whole in memory (then
+    shuffled by ``make_train_dataset``), or streamed in a fresh seeded order
+    each epoch (the file list is shuffled, not the decoded images, so memory
+    does not grow with the folder)."""
+    if kind == "memory":
+        return folder_dataset(paths, labels, image_size, native=not resize).cache()
+    if kind == "path":  # decoded once to disk, then shuffled in a bounded window
+        ds = _cached(folder_dataset(paths, labels, image_size, native=not resize), kind,
+                     cache, "train")
+        return ds.shuffle(min(len(paths), DISK_SHUFFLE_BUFFER), seed=seed,
+                          reshuffle_each_iteration=True)
+    files = tf.data.Dataset.from_tensor_slices((list(paths), np.asarray(labels, "int32")))
+    files = files.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+    return _decode_files(files, image_size, native=not resize)
+
+
+def decode_image(data, image_size, crop_ratio=1.0):
+    """Encoded bytes -> uint8 (H, W, 3) of ``image_size``: grayscale / RGBA converted,
+    other sizes resized so that the crop covers ``crop_ratio`` of the shorter side,
+    then centre-cropped (the ImageNet eval transform; ``crop_ratio`` 1 keeps as much
+    of the image as the aspect allows).
+
+    The one decoder for evaluation, calibration and prediction.
     """
+    return center_crop_resize(decode_native(data), image_size, crop_ratio)
+
+
+def decode_native(data):
+    """Encoded bytes -> uint8 (H, W, 3) at the file's own size."""
     image = tf.io.decode_image(data, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
+    return image
+
+
+def center_crop_resize(image, image_size, crop_ratio=1.0):
+    """Resize (keeping the aspect) so that ``image_size`` covers ``crop_ratio`` of the
+    image, then cut the centre; an image of exactly that size passes unchanged."""
     shape = tf.shape(image)
-    same = tf.logical_and(shape[0] == image_size[0], shape[1] == image_size[1])
-    image = tf.cond(same, lambda: image, lambda: tf.cast(tf.clip_by_value(tf.round(
-        tf.image.resize(image, image_size, antialias=True)), 0, 255), tf.uint8))
-    return tf.ensure_shape(image, (*image_size, 3))
+    h, w = image_size
+    same = tf.logical_and(shape[0] == h, shape[1] == w)
+
+    def resize():
+        scale = tf.maximum(h / tf.cast(shape[0], tf.float32),
+                           w / tf.cast(shape[1], tf.float32)) / crop_ratio
+        size = tf.cast(tf.math.ceil(tf.cast(shape[:2], tf.float32) * scale), tf.int32)
+        size = tf.maximum(size, [h, w])
+        resized = tf.image.resize(image, size, antialias=True)
+        top, left = (size[0] - h) // 2, (size[1] - w) // 2
+        return _to_uint8(resized[top:top + h, left:left + w])
+
+    out = image if crop_ratio == 1.0 else resize()
+    if crop_ratio == 1.0:
+        out = tf.cond(same, lambda: image, resize)
+    return tf.ensure_shape(out, (h, w, 3))
 
 
-def folder_dataset(paths, labels, image_size):
-    """Unbatched (uint8 image, int32 label) from image files; decoded in parallel."""
-    ds = tf.data.Dataset.from_tensor_slices((list(paths), np.asarray(labels, "int32")))
-    return ds.map(lambda p, y: (decode_image(tf.io.read_file(p), image_size), y),
-                  num_parallel_calls=AUTOTUNE)
+def random_resized_crop(image, image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                        seed=None):
+    """A random window of ``scale`` of the area and ``ratio`` aspect, resized to
+    ``image_size`` (the ImageNet training crop). Keras has no such layer
+    (``RandomCrop`` cuts a fixed size); TensorFlow's box sampler does it."""
+    begin, extent, _ = tf.image.sample_distorted_bounding_box(
+        tf.shape(image), tf.zeros([1, 0, 4]), seed=seed, area_range=scale,
+        aspect_ratio_range=ratio, max_attempts=10, use_image_if_no_bounding_boxes=True)
+    crop = tf.slice(image, begin, extent)
+    return tf.ensure_shape(_to_uint8(tf.image.resize(crop, image_size, antialias=True)),
+                           (*image_size, 3))
+
+
+def _to_uint8(x):
+    return tf.cast(tf.clip_by_value(tf.round(x), 0, 255), tf.uint8)
+
+
+def _decode_files(files, image_size, *, native=False, crop_ratio=1.0):
+    """(path, label) -> (uint8 image, label), read and decoded in parallel; a file
+    that does not decode is dropped (``ignore_errors``) instead of ending the run."""
+    def load(path, label):
+        data = tf.io.read_file(path)
+        image = decode_native(data) if native else decode_image(data, image_size, crop_ratio)
+        return image, label
+
+    return files.map(load, num_parallel_calls=AUTOTUNE).ignore_errors()
+
+
+def folder_dataset(paths, labels, image_size, *, crop_ratio=1.0, native=False):
+    """Unbatched (uint8 image, int32 label) from image files; decoded in parallel.
+
+    ``native`` keeps each image at its own size (for a random resized crop).
+    """
+    files = tf.data.Dataset.from_tensor_slices((list(paths), np.asarray(labels, "int32")))
+    return _decode_files(files, image_size, native=native, crop_ratio=crop_ratio)
 
 
 def channel_stats(ds):
@@ -330,12 +528,13 @@ def build_augmenter(config, image_size, seed=None):
     layers = keras.layers
     h, w = image_size
     aug = []
-    if config.crop_flip:
+    if config.crop_flip and config.crop == "pad":
         aug += [layers.RandomTranslation(config.crop_padding / h, config.crop_padding / w,
                                          fill_mode="constant", interpolation="nearest",
-                                         seed=seed, dtype="float32", name="aug_crop"),
-                layers.RandomFlip("horizontal", seed=seed, dtype="float32",
-                                  name="aug_flip")]
+                                         seed=seed, dtype="float32", name="aug_crop")]
+    if config.crop_flip:  # the "resized" crop happens per image, before batching
+        aug.append(layers.RandomFlip("horizontal", seed=seed, dtype="float32",
+                                     name="aug_flip"))
     if config.rotation:
         aug.append(layers.RandomRotation(config.rotation / 360.0, fill_mode="constant",
                                          seed=seed, dtype="float32", name="aug_rotation"))
@@ -360,12 +559,24 @@ def make_train_dataset(ds, batch_size, num_classes, *, augment=AugmentConfig(), 
 
     Yields (float32 images in 0..255, one-hot float32 labels). With
     ``augment.in_model`` the image augmentations are left to the model
-    (``build_augmenter``); RandAugment, mixup and cutmix always run here.
+    (``build_augmenter``); the "resized" crop, RandAugment, mixup and cutmix
+    always run here. ``shuffle_buffer`` 0 leaves the order to ``ds`` (a
+    streamed source that shuffles its files itself). With ``augment.crop ==
+    "resized"``, ``ds`` may hold images of any size.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size: got {batch_size}; must be >= 1")
-    image_size = image_size or tuple(ds.element_spec[0].shape[:2])
-    ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    image_size = tuple(image_size or ds.element_spec[0].shape[:2])
+    if shuffle_buffer:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    if augment.crop == "resized":
+        if augment.crop_flip:
+            ds = ds.map(lambda x, y: (random_resized_crop(
+                x, image_size, augment.crop_scale, augment.crop_ratio, seed), y),
+                num_parallel_calls=AUTOTUNE)
+        else:  # no random crop: the eval view
+            ds = ds.map(lambda x, y: (center_crop_resize(x, image_size), y),
+                        num_parallel_calls=AUTOTUNE)
     if augment.randaugment:
         # RandAugment picks its ops once per call, so it runs per image (before
         # batching) to give each image its own ops.

@@ -20,7 +20,8 @@ import tensorflow as tf
 
 from keras_resnet import data as data_lib
 from keras_resnet import evaluation
-from keras_resnet.model import MODELS, STEMS, build_classifier
+from keras_resnet import weights as weights_lib
+from keras_resnet.model import MODELS, STEMS, build_classifier, build_model
 
 OPTIMIZERS = ("sgd", "nesterov", "rmsprop", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine", "onecycle")
@@ -56,7 +57,15 @@ class TrainConfig:
     label_smoothing: float = 0.1
     clipnorm: float = 0.0              # gradient clipping by global norm; 0 = off
     zero_init_residual: bool = True    # last BN gamma of each block starts at 0
-    crop_flip: bool = True             # pad-4 random crop + horizontal flip
+    image_size: int | None = None      # image folders: N x N input; None = the most common size
+    crop_flip: bool = True             # random crop + horizontal flip
+    crop: str = "pad"                  # pad: pad-4 random crop (CIFAR) | resized: random
+    #                                    resized crop (ImageNet recipe)
+    crop_scale: str = "0.08,1"         # resized crop: share of the image area, low,high
+    crop_ratio: str = "0.75,1.333"     # resized crop: aspect ratio, low,high
+    eval_crop_ratio: float | None = None  # eval centre crop covers this share of the shorter
+    #                                    side; None = 0.875 with the resized crop, else 1
+    cache: str = "auto"                # decoded images: auto | memory | none | a folder path
     rotation: float = 0.0              # degrees
     color_jitter: float = 0.0
     erasing: float = 0.0               # random-erasing probability
@@ -78,7 +87,10 @@ class TrainConfig:
 
     def augment(self):
         return data_lib.AugmentConfig(
-            crop_flip=self.crop_flip, rotation=self.rotation, color_jitter=self.color_jitter,
+            crop_flip=self.crop_flip, crop=self.crop, crop_scale=_pair(self.crop_scale,
+                                                                       "crop_scale"),
+            crop_ratio=_pair(self.crop_ratio, "crop_ratio"),
+            rotation=self.rotation, color_jitter=self.color_jitter,
             erasing=self.erasing, mixup=self.mixup, cutmix=self.cutmix,
             randaugment=self.randaugment, in_model=self.augment_in_model)
 
@@ -86,7 +98,8 @@ class TrainConfig:
         """Raise ``ValueError`` naming the first bad field, before any work."""
         checks = [
             ("model", self.model in MODELS, f"one of {', '.join(MODELS)}"),
-            ("stem", self.stem in STEMS, f"one of {', '.join(STEMS)}"),
+            ("stem", self.stem in STEMS or (self.stem is None and hasattr(self, "weights")),
+             f"one of {', '.join(STEMS)}"),
             ("epochs", _is_int(self.epochs) and self.epochs >= 1, "an integer >= 1"),
             ("batch_size", _is_int(self.batch_size) and self.batch_size >= 1,
              "an integer >= 1"),
@@ -99,8 +112,9 @@ class TrainConfig:
             ("step_gamma", 0 < self.step_gamma <= 1, "in (0, 1]"),
             ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
             ("clipnorm", self.clipnorm >= 0, ">= 0"),
-            ("validation_size", _is_int(self.validation_size) and self.validation_size >= 0,
-             "an integer >= 0"),
+            ("validation_size", self.validation_size is None or (
+                _is_int(self.validation_size) and self.validation_size >= 0),
+             "an integer >= 0, or None for a tenth of the training images"),
             ("max_train_images", self.max_train_images is None or self.max_train_images >= 1,
              ">= 1"),
             ("max_eval_images", self.max_eval_images is None or self.max_eval_images >= 1,
@@ -110,6 +124,11 @@ class TrainConfig:
             ("steps_per_execution", self.steps_per_execution >= 1, ">= 1"),
             ("strategy", self.strategy in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
             ("early_stopping", self.early_stopping >= 0, ">= 0"),
+            ("image_size", self.image_size is None or (_is_int(self.image_size)
+                                                         and self.image_size >= 8), ">= 8"),
+            ("eval_crop_ratio", self.eval_crop_ratio is None or 0 < self.eval_crop_ratio <= 1,
+             "in (0, 1]"),
+            ("cache", bool(self.cache), "auto, memory, none or a folder path"),
         ]
         for field, ok, allowed in checks:
             if not ok:
@@ -125,6 +144,16 @@ class TrainConfig:
         if self.data_dir is not None and not os.path.isdir(self.data_dir):
             raise ValueError(f"data_dir: {self.data_dir!r} is not a directory (expected an "
                              "image folder root/train/<class>/*.jpg)")
+
+
+def _pair(text, field):
+    try:
+        values = tuple(float(v) for v in str(text).split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 2:
+        raise ValueError(f"{field}: got {text!r}; must be two numbers 'low,high'")
+    return values
 
 
 def _is_int(v):
@@ -145,6 +174,41 @@ def baseline_config(**overrides):
                     decay_bn_and_bias=True, schedule="cosine", warmup_epochs=0.0,
                     label_smoothing=0.0, zero_init_residual=False, batch_size=128),
         **overrides)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def eval_crop_ratio(config):
+    """The eval centre crop: 0.875 of the shorter side with the resized crop, else all."""
+    if config.eval_crop_ratio is not None:
+        return config.eval_crop_ratio
+    return 0.875 if config.crop == "resized" else 1.0
+
+
+def worker_shard(strategy):
+    """(workers, this worker's index) under a multi-worker strategy, else None."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None:
+        return None
+    spec = resolver.cluster_spec()
+    jobs = [j for j in ("chief", "worker") if j in spec.jobs]
+    count = sum(spec.num_tasks(j) for j in jobs)
+    if count < 2:
+        return None
+    chief_first = "chief" in spec.jobs and resolver.task_type == "worker"
+    return count, (resolver.task_id or 0) + chief_first
+
+
+def load_data(config, strategy=None, *, stats=True, image_size=None):
+    """The splits ``config`` trains on; each multi-worker process reads its own shard."""
+    return data_lib.load_splits(
+        config.dataset, data_dir=config.data_dir, tfds_data_dir=config.tfds_data_dir,
+        validation_size=config.validation_size, max_train_images=config.max_train_images,
+        max_eval_images=config.max_eval_images, seed=config.seed,
+        image_size=image_size or config.image_size, cache=config.cache,
+        resize_train=config.crop != "resized", eval_crop_ratio=eval_crop_ratio(config),
+        stats=stats, shard=worker_shard(strategy) if config.data_dir else None)
 
 
 # --------------------------------------------------------------------- model & optimiser
@@ -289,6 +353,167 @@ def make_strategy(name):
     return tf.distribute.get_strategy()
 
 
+# --------------------------------------------------------------------- fine-tuning
+
+MODES = ("linear", "top", "full")
+NUM_STAGES = 4
+HEAD_LAYERS = ("predictions",)
+NOT_BACKBONE = ("predictions", "normalize", "aug_", "augment")  # layer-name prefixes
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig(TrainConfig):
+    """Transfer learning from pretrained weights to an image folder.
+
+    Defaults: the ImageNet fine-tuning recipe (random resized crop, eval centre
+    crop 0.875, cosine schedule, a lower LR for the backbone).
+    """
+
+    weights: str = "imagenet"          # imagenet | .pth / .safetensors | .keras / run dir
+    mode: str = "full"                 # linear: head only | top: last stages + head | full
+    unfreeze_stages: int = 1           # mode top: how many of the 4 stages train
+    backbone_lr_scale: float = 0.1     # backbone LR = this x the head's (top, full)
+    head_epochs: int = 0               # full / top: epochs that train the head alone first
+    stem: str | None = None            # None = the stem of the weights
+    output_dir: str = "runs/finetune"
+    epochs: int = 10
+    lr: float = 0.02                   # head's peak LR per 128 images
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    zero_init_residual: bool = False
+    crop: str = "resized"
+    validation_size: int | None = None  # None = a tenth of the training images
+
+    def validate(self):
+        super().validate()
+        checks = [
+            ("mode", self.mode in MODES, f"one of {', '.join(MODES)}"),
+            ("unfreeze_stages", _is_int(self.unfreeze_stages)
+             and 1 <= self.unfreeze_stages <= NUM_STAGES, f"an integer in 1..{NUM_STAGES}"),
+            ("backbone_lr_scale", 0 < self.backbone_lr_scale <= 1, "in (0, 1]"),
+            ("head_epochs", _is_int(self.head_epochs) and 0 <= self.head_epochs < self.epochs,
+             "an integer in [0, epochs)"),
+            ("weights", bool(self.weights), "imagenet or a weights file"),
+        ]
+        for field, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"{field}: got {getattr(self, field)!r}; must be {allowed}")
+        if self.data_dir is None:
+            raise ValueError("data_dir: fine-tuning needs an image folder "
+                             "root/train/<class>/*.jpg")
+        if self.weights != "imagenet":
+            source_path(self.weights)  # exists and is a supported kind
+
+
+def source_path(weights):
+    """The file behind ``--weights``: a run directory means its ``best.keras``."""
+    path = os.path.join(weights, "best.keras") if os.path.isdir(weights) else weights
+    if not os.path.isfile(path):
+        raise ValueError(f"weights: {weights!r} is neither 'imagenet', a weights file nor a "
+                         "run directory holding best.keras")
+    if not path.endswith((".keras", *weights_lib.TORCH_SUFFIXES, ".safetensors")):
+        raise ValueError(f"weights: {weights!r} must be 'imagenet', a PyTorch checkpoint "
+                         "(.pth, .pt, .bin, .safetensors) or a keras_resnet .keras model")
+    return path
+
+
+def infer_stem(model):
+    """The stem a keras_resnet model was built with, from its layer names."""
+    names = {layer.name for layer in model.layers}
+    if "stem_conv3" in names:
+        return "deep"
+    return "imagenet" if "stem_pool" in names else "cifar"
+
+
+def pretrained_source(config):
+    """(model holding the pretrained weights, its preprocessing, its stem)."""
+    if config.weights != "imagenet" and source_path(config.weights).endswith(".keras"):
+        path = source_path(config.weights)
+        try:
+            source = keras.saving.load_model(path, compile=False)
+        except (ValueError, OSError, KeyError, TypeError) as e:
+            raise ValueError(f"weights: {path!r} is not a Keras model file ({e})") from None
+        try:
+            norm = source.get_layer("normalize")
+        except ValueError:
+            raise ValueError(f"weights: {path!r} is not a keras_resnet classifier (no "
+                             "'normalize' layer)") from None
+        pre = {"mean": tuple(float(v) for v in np.ravel(norm.mean)),
+               "std": tuple(float(v) for v in np.sqrt(np.ravel(norm.variance))),
+               "image_size": int(source.input_shape[1]), "crop_ratio": 1.0}
+        return source, pre, infer_stem(source)
+    stem = config.stem or "imagenet"
+    source = build_model(config.model, stem=stem, include_top=False,
+                         input_shape=(64, 64, 3) if stem != "cifar" else (32, 32, 3))
+    weights = config.weights if config.weights == "imagenet" else source_path(config.weights)
+    weights_lib.load_weights(source, weights, arch=config.model)
+    return source, weights_lib.preprocessing_for(weights), stem
+
+
+def set_trainable(model, mode, unfreeze_stages=1):
+    """Freeze for a transfer mode; a frozen BatchNorm runs in inference mode in Keras
+    (its moving statistics stay as they are).
+
+    linear: only the head trains; top: the last ``unfreeze_stages`` stages and
+    the head; full: everything.
+    """
+    first = {"linear": NUM_STAGES + 1, "top": NUM_STAGES + 1 - unfreeze_stages,
+             "full": 0}[mode]
+    for layer in model.layers:
+        if layer.name.startswith(HEAD_LAYERS):
+            layer.trainable = True
+        elif layer.name.startswith("stage"):
+            layer.trainable = int(layer.name[len("stage")]) >= first
+        elif layer.name.startswith("post_"):  # pre-activation models: after stage 4
+            layer.trainable = first <= NUM_STAGES
+        else:  # stem, normalisation, augmentation
+            layer.trainable = mode == "full"
+    return model
+
+
+def scale_backbone_lr(optimizer, scale, head_steps=0):
+    """Give the backbone ``scale`` x the head's learning rate (0 in the first
+    ``head_steps``), as PyTorch's parameter groups do.
+
+    Keras optimisers have one learning rate; each applies it per variable in
+    ``update_step(gradient, variable, learning_rate)``, so wrapping that method
+    of this instance scales it for every variable outside the head.
+    """
+    base = optimizer.update_step
+
+    def update_step(gradient, variable, learning_rate):
+        name = getattr(variable, "path", None) or variable.name
+        if not any(part.startswith(HEAD_LAYERS) for part in name.split("/")):
+            factor = scale
+            if head_steps:
+                factor = keras.ops.where(optimizer.iterations >= head_steps, scale, 0.0)
+            learning_rate = learning_rate * keras.ops.cast(factor, learning_rate.dtype)
+        return base(gradient, variable, learning_rate)
+
+    optimizer.update_step = update_step
+    return optimizer
+
+
+def finetune_classifier(config, splits, source=None):
+    """A classifier for ``splits`` with ``config.weights`` in its backbone, the
+    weights' preprocessing inside, a fresh head, and the mode's layers frozen."""
+    source, pre, stem = source or pretrained_source(config)
+    augmenter = (data_lib.build_augmenter(config.augment(), splits.image_size, config.seed)
+                 if config.augment_in_model else None)
+    model = build_classifier(config.model, image_size=splits.image_size,
+                             num_classes=splits.num_classes, mean=pre["mean"],
+                             std=pre["std"], augmenter=augmenter, stem=stem)
+    weights_lib.copy_weights(source, model, skip=NOT_BACKBONE)
+    return set_trainable(model, config.mode, config.unfreeze_stages)
+
+
+def finetune(config):
+    """Fine-tune ``config.weights`` on ``config.data_dir``; the run directory is
+    the training script's, and a re-run resumes. Returns the report."""
+    return train(config)
+
+
 # --------------------------------------------------------------------------- run dir
 
 
@@ -369,29 +594,46 @@ def _train(config, strategy, resuming):
     jit = config.jit_compile == "on" or (
         config.jit_compile == "auto" and bool(tf.config.list_physical_devices("GPU")))
 
-    splits = data_lib.load_splits(
-        config.dataset, data_dir=config.data_dir, tfds_data_dir=config.tfds_data_dir,
-        validation_size=config.validation_size, max_train_images=config.max_train_images,
-        max_eval_images=config.max_eval_images, seed=config.seed)
+    source = None
+    if isinstance(config, FinetuneConfig):  # pretrained weights bring their preprocessing
+        source = pretrained_source(config)
+        splits = load_data(config, strategy, stats=False,
+                           image_size=config.image_size or source[1]["image_size"])
+    else:
+        splits = load_data(config, strategy)
     if splits.report:
         print(f"data: {json.dumps(splits.report)}")
     with open(os.path.join(out, "labels.txt"), "w") as f:
         f.writelines(f"{name}\n" for name in splits.class_names)
     global_batch = config.batch_size * strategy.num_replicas_in_sync
-    steps_per_epoch = splits.num_train // global_batch
+    shard = worker_shard(strategy) if config.data_dir else None
+    steps_per_epoch = splits.num_train * (shard[0] if shard else 1) // global_batch
     if steps_per_epoch < 1:
         raise ValueError(f"batch_size: global batch {global_batch} is larger than the "
                          f"{splits.num_train} training images")
     lr = config.lr * global_batch / LR_REFERENCE_BATCH
     train_ds = data_lib.make_train_dataset(
         splits.train, global_batch, splits.num_classes, augment=config.augment(),
-        seed=config.seed, image_size=splits.image_size)
+        seed=config.seed, image_size=splits.image_size,
+        shuffle_buffer=0 if splits.pre_shuffled else 50_000)
+    if shard:
+        # Each worker already reads its own files: no second sharding by tf.distribute.
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.OFF)
+        train_ds = train_ds.with_options(options)
     val_ds = (data_lib.make_eval_dataset(splits.validation, global_batch, splits.num_classes)
               if splits.validation is not None else None)
 
     with strategy.scope():
-        model = classifier_for(config, splits)
+        if source is None:
+            model = classifier_for(config, splits)
+        else:
+            model = finetune_classifier(config, splits, source)
         optimizer = make_optimizer(config, make_schedule(config, steps_per_epoch, lr), model)
+        if source is not None and config.mode != "linear":
+            scale_backbone_lr(optimizer, config.backbone_lr_scale,
+                              config.head_epochs * steps_per_epoch)
         model.compile(
             optimizer=optimizer,
             loss=keras.losses.CategoricalCrossentropy(

@@ -27,10 +27,11 @@ def messy_folder(tmp_path):
 def test_image_folder_converts_and_skips(messy_folder):
     s = D.load_splits(data_dir=str(messy_folder), validation_size=4)
     assert s.class_names == ["cat", "dog", "eel", "fox"]
-    # The 4 validation files are carved from the 23 listed, then each part is
-    # scanned: the 2 unreadable files are skipped wherever they fell.
+    # notes.txt is not listed (extension); the 4 validation files are carved from
+    # the 22 listed, then each part is scanned: broken.jpg is skipped wherever it fell.
     rep, val = s.report["train"], s.report["validation"]
-    assert rep["skipped_unreadable"] + val["skipped_unreadable"] == 2
+    assert rep["skipped_not_image"] == 1
+    assert rep["skipped_unreadable"] + val["skipped_unreadable"] == 1
     assert rep["converted_mode"] + val["converted_mode"] == 2
     assert rep["empty_class_folders"] == ["fox"] and val["carved_from"] == "train"
     sizes = {k: rep["sizes"].get(k, 0) + val["sizes"].get(k, 0) for k in ("16x16", "40x24")}
