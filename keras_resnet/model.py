@@ -380,8 +380,10 @@ def build_classifier(name="resnet18", *, image_size, num_classes, mean, std,
     """
     inputs = keras.Input((*image_size, 3), name="image")
     x = augmenter(inputs) if augmenter is not None else inputs
+    # float32 whatever the policy: in bfloat16 the mean itself (123.675) would round
+    # to 123.5, and pixels to steps of 1.
     x = layers.Normalization(mean=list(mean), variance=[s * s for s in std],
-                             name="normalize")(x)
+                             dtype="float32", name="normalize")(x)
     backbone = build_model(name, input_tensor=x, classes=num_classes,
                            classifier_activation=None, **options)
     return keras.Model(inputs, backbone.output, name=backbone.name)

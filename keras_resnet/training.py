@@ -442,7 +442,13 @@ def pretrained_source(config):
         pre = {"mean": tuple(float(v) for v in np.ravel(norm.mean)),
                "std": tuple(float(v) for v in np.sqrt(np.ravel(norm.variance))),
                "image_size": int(source.input_shape[1]), "crop_ratio": 1.0}
-        return source, pre, infer_stem(source)
+        stem = infer_stem(source)
+        # The backbone of config.model, checked against the file now (a mismatch
+        # names its first layer before anything is written).
+        backbone = build_model(config.model, stem=stem, include_top=False,
+                               input_shape=source.input_shape[1:])
+        weights_lib.copy_weights(source, backbone, skip=NOT_BACKBONE)
+        return backbone, pre, stem
     stem = config.stem or "imagenet"
     source = build_model(config.model, stem=stem, include_top=False,
                          input_shape=(64, 64, 3) if stem != "cifar" else (32, 32, 3))
@@ -577,23 +583,11 @@ def train(config):
     The global dtype policy is set for the run and restored afterwards.
     """
     config.validate()
-    resuming = prepare_run_dir(config)
     # First TF call: multi-worker collectives must be configured at start-up.
     strategy = make_strategy(config.strategy)
-    policy = keras.config.dtype_policy()
-    try:
-        keras.config.set_dtype_policy(resolve_precision(config.precision))
-        return _train(config, strategy, resuming)
-    finally:
-        keras.config.set_dtype_policy(policy)
-
-
-def _train(config, strategy, resuming):
-    out = config.output_dir
     keras.utils.set_random_seed(config.seed)
-    jit = config.jit_compile == "on" or (
-        config.jit_compile == "auto" and bool(tf.config.list_physical_devices("GPU")))
-
+    # Weights and data are checked before the run directory is touched: bad input
+    # leaves nothing behind.
     source = None
     if isinstance(config, FinetuneConfig):  # pretrained weights bring their preprocessing
         source = pretrained_source(config)
@@ -601,6 +595,20 @@ def _train(config, strategy, resuming):
                            image_size=config.image_size or source[1]["image_size"])
     else:
         splits = load_data(config, strategy)
+    resuming = prepare_run_dir(config)
+    policy = keras.config.dtype_policy()
+    try:
+        keras.config.set_dtype_policy(resolve_precision(config.precision))
+        return _train(config, strategy, resuming, splits, source)
+    finally:
+        keras.config.set_dtype_policy(policy)
+
+
+def _train(config, strategy, resuming, splits, source):
+    out = config.output_dir
+    keras.utils.set_random_seed(config.seed)
+    jit = config.jit_compile == "on" or (
+        config.jit_compile == "auto" and bool(tf.config.list_physical_devices("GPU")))
     if splits.report:
         print(f"data: {json.dumps(splits.report)}")
     with open(os.path.join(out, "labels.txt"), "w") as f:

@@ -262,8 +262,9 @@ def _load_imagenet(model, arch):
     """ImageNet weights into ``model``; a head of another size stays fresh."""
     from keras_resnet.model import build_model
 
+    path = imagenet_weights_file(arch)  # checks ``arch`` first
     reference = build_model(arch)
-    reference.load_weights(imagenet_weights_file(arch))
+    reference.load_weights(path)
     top = [layer for layer in model.layers if layer.name == "predictions"]
     same_head = bool(top) and tuple(top[0].kernel.shape) == tuple(
         reference.get_layer("predictions").kernel.shape)
