@@ -214,3 +214,107 @@ def test_benchmark_pipeline_script(tmp_path):
     result = json.loads(r.stdout.strip().splitlines()[-1])
     for key in ("pipeline_img_s", "train_fed_img_s", "train_inmemory_img_s"):
         assert result[key] > 0
+
+
+# ------------------------------------------------------------- folders at real sizes
+
+
+def test_resized_crop_and_centre_crop_shapes_and_content():
+    tf.random.set_seed(0)
+    image = tf.constant(np.arange(60 * 40 * 3).reshape(60, 40, 3) % 251, tf.uint8)
+    crops = [D.random_resized_crop(image, (24, 24), (0.3, 1.0), (0.75, 1.333)).numpy()
+             for _ in range(5)]
+    assert all(c.shape == (24, 24, 3) and c.dtype == np.uint8 for c in crops)
+    assert len({c.tobytes() for c in crops}) > 1  # each call cuts its own window
+    # Eval view of a 60x40 (portrait) image at 20x20, crop ratio 0.5: resized so the
+    # shorter side is 40, then the centre 20x20 of the 60x40 image (rows 20..40).
+    ramp = tf.constant(np.repeat(np.arange(60, dtype=np.uint8)[:, None, None] * 4, 40, 1)
+                       .repeat(3, 2))
+    view = D.center_crop_resize(ramp, (20, 20), 0.5).numpy()
+    assert view.shape == (20, 20, 3)
+    assert 4 * 19 <= view[:, :, 0].mean() <= 4 * 41
+    same = tf.constant(np.full((20, 20, 3), 9, np.uint8))
+    np.testing.assert_array_equal(D.center_crop_resize(same, (20, 20)).numpy(), same.numpy())
+
+
+@pytest.fixture
+def mixed_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            os.makedirs(tmp_path / split / c)
+            for i in range(6):
+                h, w = (20 + 7 * i, 30) if i % 2 else (32, 18 + 5 * i)
+                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+                    tmp_path / split / c / f"{i}.jpg")
+    return tmp_path
+
+
+def test_streamed_folder_reshuffles_and_keeps_every_image(mixed_folder):
+    def images(s):
+        return [x.numpy().tobytes() for x, _ in s.train]
+
+    memory = D.load_splits(data_dir=str(mixed_folder), validation_size=0, image_size=16,
+                           cache="memory")
+    streamed = D.load_splits(data_dir=str(mixed_folder), validation_size=0, image_size=16,
+                             cache="none")
+    assert streamed.pre_shuffled and not memory.pre_shuffled
+    assert streamed.report["train"]["cache"] == "none"
+    first, second = images(streamed), images(streamed)
+    assert sorted(first) == sorted(second) == sorted(images(memory)) and first != second
+    tiny = D.load_splits(data_dir=str(mixed_folder), validation_size=0, image_size=16)
+    assert tiny.report["train"]["cache"] == "memory"  # "auto": 12 small images fit
+
+
+def test_auto_cache_streams_what_does_not_fit(mixed_folder):
+    s = D._folder_splits(str(mixed_folder), 0, None, None, 16, 0, memory_budget=1000)
+    assert s.report["train"]["cache"] == "none" and s.pre_shuffled
+
+
+def test_disk_cache(mixed_folder, tmp_path):
+    cache = tmp_path / "cache"
+    s = D.load_splits(data_dir=str(mixed_folder), validation_size=0, image_size=16,
+                      cache=str(cache))
+    assert len(list(s.train)) == 12 and len(list(s.test)) == 12
+    assert any(name.startswith("train") for name in os.listdir(cache))
+
+
+def test_resized_crop_pipeline_takes_images_of_any_size(mixed_folder):
+    s = D.load_splits(data_dir=str(mixed_folder), validation_size=2, image_size=24,
+                      resize_train=False, eval_crop_ratio=0.875)
+    shapes = {tuple(x.shape) for x, _ in s.train}
+    assert len(shapes) > 1  # decoded at their own sizes
+    ds = D.make_train_dataset(s.train, 4, 2, augment=D.AugmentConfig(crop="resized"),
+                              image_size=(24, 24))
+    x, y = next(iter(ds))
+    assert x.shape == (4, 24, 24, 3) and y.shape == (4, 2)
+    assert {tuple(x.shape) for x, _ in s.test} == {(24, 24, 3)}
+
+
+def test_workers_read_disjoint_equal_shards(tmp_path):
+    root = str(write_folder(tmp_path, per_class=7))
+    shards = [D.load_splits(data_dir=root, validation_size=0, shard=(2, i)) for i in (0, 1)]
+    seen = [{x.numpy().tobytes() for x, _ in s.train} for s in shards]
+    assert shards[0].num_train == shards[1].num_train == 10
+    assert not seen[0] & seen[1]
+
+
+def test_tiff_is_skipped_by_the_scan_and_a_cut_jpeg_by_the_pipeline(tmp_path):
+    root = write_folder(tmp_path, per_class=4)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / "train" / "cat" / "x.tif")
+    os.rename(root / "train" / "cat" / "x.tif", root / "train" / "cat" / "x.jpg")
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), np.uint8)).save(
+        tmp_path / "whole.jpg")
+    whole = (tmp_path / "whole.jpg").read_bytes()
+    (root / "train" / "dog" / "cut.jpg").write_bytes(whole[:len(whole) * 2 // 3])
+    s = D.load_splits(data_dir=str(root), validation_size=0)
+    assert s.report["train"]["skipped_unreadable"] == 1  # the TIFF (a .jpg name)
+    decoded = list(s.train)  # the cut JPEG passes the header scan, is dropped here
+    assert s.num_train == 13 and len(decoded) == 12
+    assert all(x.shape == (16, 16, 3) for x, _ in decoded)
+
+
+def test_a_single_class_folder_is_refused(tmp_path):
+    root = write_folder(tmp_path, classes=("cat",))
+    with pytest.raises(D.DataError, match="images of 1 class; a classifier needs at least 2"):
+        D.load_splits(data_dir=str(root))
