@@ -145,8 +145,9 @@ def measure(name, splits, config):
         def on_epoch_end(self, epoch, logs=None):
             epoch_times.append(time.perf_counter() - self.start)
 
-    model.fit(train_ds, epochs=config.epochs, verbose=2, callbacks=[EpochTimer()],
-              shuffle=False)  # tf.data already shuffles
+    # repeat + steps: a folder pipeline that drops undecodable files has no known length.
+    model.fit(train_ds.repeat(), steps_per_epoch=steps, epochs=config.epochs, verbose=2,
+              callbacks=[EpochTimer()], shuffle=False)  # tf.data already shuffles
     model.predict(test_ds.take(1), verbose=0)  # warm-up
     start = time.perf_counter()
     probs = model.predict(test_ds.map(lambda x, y: x), verbose=0)

@@ -13,6 +13,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 
 import keras
 import numpy as np
@@ -679,8 +680,14 @@ def _train(config, strategy, resuming, splits, source):
           f"{global_batch}, peak lr {lr:g}, {keras.mixed_precision.global_policy().name}"
           f", XLA {'on' if jit else 'off'}")
     start = time.time()
-    model.fit(train_ds, epochs=config.epochs, validation_data=val_ds, callbacks=callbacks,
-              verbose=config.verbose, shuffle=False)  # tf.data already shuffles
+    # repeat + steps_per_epoch: a folder pipeline drops files that do not decode, so its
+    # length is not known up front (and an epoch stays the same number of steps).
+    with warnings.catch_warnings():
+        # Keras warns when a dataset of unknown length ends: expected for validation.
+        warnings.filterwarnings("ignore", message="Your input ran out of data")
+        model.fit(train_ds.repeat(), steps_per_epoch=steps_per_epoch, epochs=config.epochs,
+                  validation_data=val_ds, callbacks=callbacks, verbose=config.verbose,
+                  shuffle=False)  # tf.data already shuffles
     train_seconds = time.time() - start
     if model.stop_training and not os.path.exists(os.path.join(out, "best.keras")):
         raise RuntimeError("training stopped (NaN loss) before any checkpoint was saved")
