@@ -53,6 +53,7 @@ class Splits:
     num_test: int
     report: dict = dataclasses.field(default_factory=dict)
     pre_shuffled: bool = False  # train streams in a fresh order each epoch already
+    counts: dict = dataclasses.field(default_factory=dict)  # split -> DecodeCount (folders)
 
     @property
     def num_classes(self):
@@ -196,6 +197,25 @@ def _tfds_splits(dataset, data_dir, validation_size, max_train, max_eval):
     validation, num_validation = loaded["validation"] or (None, 0)
     return Splits(train, validation, test, list(info.features["label"].names), (32, 32),
                   mean, std, num_train, num_validation, num_test)
+
+
+class DecodeCount:
+    """Counts the images a split's pipeline decodes while ``active`` (its first
+    pass): the listed files it did not decode were dropped as corrupt."""
+
+    def __init__(self, listed):
+        self.listed = listed
+        self.decoded = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.active = tf.Variable(True, trainable=False)
+
+    def __call__(self, image, label):
+        added = tf.cond(self.active, lambda: self.decoded.assign_add(1),
+                        lambda: tf.identity(self.decoded))
+        with tf.control_dependencies([added]):
+            return tf.identity(image), label
+
+    def dropped(self):
+        return self.listed - int(self.decoded.numpy())
 
 
 def list_image_folder(split_dir, class_names=None):
@@ -370,14 +390,19 @@ def _folder_splits(root, validation_size, max_train, max_eval, image_size, seed,
     pixels = report["train"]["mean_pixels"] if not resize_train else np.prod(image_size)
     train_cache = _cache_kind(cache, len(train_paths) * pixels * 3, budget)
     report["train"]["cache"] = train_cache
+    # A streamed training split reads ahead into the next epoch: its count would not
+    # be exact, so only cached ones (decoded exactly once) are counted.
+    counts = {"train": DecodeCount(len(train_paths))} if train_cache != "none" else {}
     train = _train_source(train_paths, train_labels, image_size, resize_train, train_cache,
-                          cache, seed)
+                          cache, seed, counts.get("train"))
 
     def held_out(files, key):
         if not files:
             return None
         kind = _cache_kind(cache, len(files[0]) * np.prod(image_size) * 3, budget)
-        ds = folder_dataset(*files, image_size, crop_ratio=eval_crop_ratio)
+        counts[key] = DecodeCount(len(files[0]))
+        ds = folder_dataset(*files, image_size, crop_ratio=eval_crop_ratio,
+                            count=counts[key])
         return _cached(ds, kind, cache, key)
 
     mean, std = (0.0,) * 3, (1.0,) * 3
@@ -391,7 +416,7 @@ def _folder_splits(root, validation_size, max_train, max_eval, image_size, seed,
     return Splits(train, held_out(val, "validation"), held_out(test, "test"), names,
                   image_size, mean, std, len(train_paths), len(val[0]) if val else 0,
                   len(test[0]) if test else 0, report,
-                  pre_shuffled=train_cache != "memory")
+                  pre_shuffled=train_cache != "memory", counts=counts)
 
 
 def _cached(ds, kind, cache, key):
@@ -406,21 +431,22 @@ def _cached(ds, kind, cache, key):
     return ds
 
 
-def _train_source(paths, labels, image_size, resize, kind, cache, seed):
+def _train_source(paths, labels, image_size, resize, kind, cache, seed, count):
     """The training images, decoded in parallel: cached whole in memory (then
     shuffled by ``make_train_dataset``), or streamed in a fresh seeded order
     each epoch (the file list is shuffled, not the decoded images, so memory
     does not grow with the folder)."""
     if kind == "memory":
-        return folder_dataset(paths, labels, image_size, native=not resize).cache()
+        return folder_dataset(paths, labels, image_size, native=not resize,
+                              count=count).cache()
     if kind == "path":  # decoded once to disk, then shuffled in a bounded window
-        ds = _cached(folder_dataset(paths, labels, image_size, native=not resize), kind,
-                     cache, "train")
+        ds = _cached(folder_dataset(paths, labels, image_size, native=not resize,
+                                    count=count), kind, cache, "train")
         return ds.shuffle(min(len(paths), DISK_SHUFFLE_BUFFER), seed=seed,
                           reshuffle_each_iteration=True)
     files = tf.data.Dataset.from_tensor_slices((list(paths), np.asarray(labels, "int32")))
     files = files.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
-    return _decode_files(files, image_size, native=not resize)
+    return _decode_files(files, image_size, native=not resize, count=count)
 
 
 def decode_image(data, image_size, crop_ratio=1.0):
@@ -480,7 +506,7 @@ def _to_uint8(x):
     return tf.cast(tf.clip_by_value(tf.round(x), 0, 255), tf.uint8)
 
 
-def _decode_files(files, image_size, *, native=False, crop_ratio=1.0):
+def _decode_files(files, image_size, *, native=False, crop_ratio=1.0, count=None):
     """(path, label) -> (uint8 image, label), read and decoded in parallel; a file
     that does not decode is dropped (``ignore_errors``) instead of ending the run."""
     def load(path, label):
@@ -488,16 +514,17 @@ def _decode_files(files, image_size, *, native=False, crop_ratio=1.0):
         image = decode_native(data) if native else decode_image(data, image_size, crop_ratio)
         return image, label
 
-    return files.map(load, num_parallel_calls=AUTOTUNE).ignore_errors()
+    ds = files.map(load, num_parallel_calls=AUTOTUNE).ignore_errors()
+    return ds.map(count) if count is not None else ds
 
 
-def folder_dataset(paths, labels, image_size, *, crop_ratio=1.0, native=False):
+def folder_dataset(paths, labels, image_size, *, crop_ratio=1.0, native=False, count=None):
     """Unbatched (uint8 image, int32 label) from image files; decoded in parallel.
 
     ``native`` keeps each image at its own size (for a random resized crop).
     """
     files = tf.data.Dataset.from_tensor_slices((list(paths), np.asarray(labels, "int32")))
-    return _decode_files(files, image_size, native=native, crop_ratio=crop_ratio)
+    return _decode_files(files, image_size, native=native, crop_ratio=crop_ratio, count=count)
 
 
 def channel_stats(ds):

@@ -672,6 +672,10 @@ def _train(config, strategy, resuming, splits, source):
         keras.callbacks.TensorBoard(os.path.join(out, "logs"), write_graph=False),
         keras.callbacks.TerminateOnNaN(),
     ]
+    if splits.counts:  # count decoded images over this session's first epoch only
+        callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: [
+            c.active.assign(False) for c in splits.counts.values() if c is not
+            splits.counts.get("test")]))
     if config.early_stopping:
         callbacks.append(keras.callbacks.EarlyStopping(monitor, mode="max",
                                                        patience=config.early_stopping))
@@ -701,6 +705,14 @@ def _train(config, strategy, resuming, splits, source):
         test_ds = data_lib.make_eval_dataset(splits.test, global_batch, splits.num_classes)
         report.update(evaluation.evaluate(best, test_ds, splits.class_names,
                                           tta_flip=config.tta_flip))
+    if splits.counts:
+        skipped = {k: c.dropped() for k, c in splits.counts.items() if k != "test"}
+        if "num_images" in report:
+            skipped["test"] = splits.num_test - report["num_images"]
+        report["skipped_in_pipeline"] = skipped
+        if any(skipped.values()):
+            print(f"data: files that passed the scan but did not decode, skipped: {skipped}")
+    if splits.test is not None:
         write_json(os.path.join(out, "test_metrics.json"), report)
         evaluation.plot_confusion(np.asarray(report["confusion_matrix"]),
                                   splits.class_names, os.path.join(out, "confusion_matrix.png"))
@@ -708,7 +720,9 @@ def _train(config, strategy, resuming, splits, source):
 
 
 def read_history(path):
-    """history.csv -> {column: [values]}."""
+    """history.csv -> {column: [values]}; CSVLogger's "NA" (a metric it did not get,
+    e.g. validation without a validation split) reads as NaN."""
     with open(path) as f:
         rows = list(csv.DictReader(f))
-    return {k: [float(r[k]) for r in rows] for k in (rows[0] if rows else {})}
+    return {k: [float("nan") if r[k] == "NA" else float(r[k]) for r in rows]
+            for k in (rows[0] if rows else {})}

@@ -341,3 +341,22 @@ def test_config_file_errors_name_the_key(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"epochs": 3, "lr_peak": 1}))
     result = run_main(cli.train_main, "--config", str(tmp_path / "bad.json"))
     assert result.returncode == 2 and "unknown key(s) 'lr_peak'" in result.stderr
+
+
+def test_files_that_do_not_decode_are_skipped_and_counted(tmp_path):
+    """A JPEG cut after its header passes the scan; the pipeline drops and counts it."""
+    from PIL import Image
+
+    root = write_folder(tmp_path / "data", per_class=8, size=32)
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), np.uint8)).save(
+        tmp_path / "whole.jpg")
+    whole = (tmp_path / "whole.jpg").read_bytes()
+    for split, c in (("train", "cat"), ("train", "dog"), ("test", "eel")):
+        (root / split / c / "cut.jpg").write_bytes(whole[:len(whole) * 2 // 3])
+    report = T.train(T.smoke_config(data_dir=str(root), output_dir=str(tmp_path / "run"),
+                                    validation_size=0, max_train_images=None,
+                                    max_eval_images=None, batch_size=4, epochs=2))
+    assert report["skipped_in_pipeline"] == {"train": 2, "test": 1}
+    assert report["num_images"] == 24
+    metrics = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
+    assert metrics["skipped_in_pipeline"] == {"train": 2, "test": 1}
