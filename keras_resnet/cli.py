@@ -198,7 +198,8 @@ def export_main(argv=None):
             splits = data.load_splits(data_dir=args.data_dir, validation_size=0,
                                       max_train_images=args.calibration_images,
                                       max_eval_images=args.check_images,
-                                      image_size=predict.input_size(model))
+                                      image_size=predict.input_size(model),
+                                      eval_crop_ratio=predict.read_crop_ratio(_model_path))
             held_out = splits.test if splits.test is not None else splits.validation
             if held_out is None:
                 raise ValueError(f"--data-dir: {args.data_dir!r} has no test/ or val/ split "
@@ -262,12 +263,12 @@ def predict_main(argv=None):
             raise ValueError(f"PATH: not a readable image: {', '.join(unreadable[:5])}"
                              + (f" and {len(unreadable) - 5} more" if len(unreadable) > 5
                                 else ""))
-        predictor, size, names = predict.load_predictor(args.model)
+        predictor, size, names, crop_ratio = predict.load_predictor(args.model)
     except ValueError as e:
         _fail(str(e))
     k = min(args.top_k, 1000)
     for path in files:
-        image = data.decode_image(tf.io.read_file(path), size).numpy()
+        image = data.decode_image(tf.io.read_file(path), size, crop_ratio).numpy()
         probs = predictor(image[None])[0]
         top = np.argsort(-probs)[:k]
         pairs = [[names[i] if names and i < len(names) else str(i), round(float(probs[i]), 6)]

@@ -27,6 +27,7 @@ from keras_resnet.predict import (
     input_size,
     load_source,
     probability_fn,
+    read_crop_ratio,
     read_labels,
 )
 from keras_resnet.winograd import winograd_model
@@ -170,6 +171,10 @@ def export(source, output_dir, formats=("saved_model", "tflite_float32"), images
     if class_names:
         _atomic_write(os.path.join(output_dir, "labels.txt"),
                       "".join(f"{n}\n" for n in class_names).encode())
+    crop_ratio = read_crop_ratio(model_path)
+    if crop_ratio != 1.0:  # predict.py crops as evaluation did
+        _atomic_write(os.path.join(output_dir, "preprocessing.json"),
+                      json.dumps({"crop_ratio": crop_ratio}).encode())
     reference = np.asarray(probability_fn(model)(images))
     report = {"source": model_path, "artifacts": {}}
     for fmt in formats:

@@ -53,6 +53,20 @@ def read_labels(model_path):
         return [line.rstrip("\n") for line in f if line.strip()]
 
 
+def read_crop_ratio(model_path):
+    """The eval crop ratio from ``preprocessing.json`` beside a model (training and
+    export write it): prediction resizes and centre-crops as evaluation did. 1.0
+    (the whole image, as far as its aspect allows) when there is none."""
+    import json
+
+    folder = model_path if os.path.isdir(model_path) else os.path.dirname(model_path)
+    path = os.path.join(folder, "preprocessing.json")
+    if not os.path.exists(path):
+        return 1.0
+    with open(path) as f:
+        return float(json.load(f).get("crop_ratio", 1.0))
+
+
 def ends_in_softmax(model):
     return getattr(model.layers[-1], "activation", None) is keras.activations.softmax
 
@@ -133,16 +147,19 @@ class SavedModelRunner:
 
 def load_predictor(path):
     """A ``.keras`` file, run directory, SavedModel directory or ``.tflite`` file ->
-    (callable uint8 images -> probabilities, (height, width), class names or None)."""
+    (callable uint8 images -> probabilities, (height, width), class names or None,
+    eval crop ratio)."""
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "saved_model.pb")):
         runner = SavedModelRunner(path)
-        return runner, runner.image_size, read_labels(os.path.dirname(os.path.abspath(path)))
+        folder = os.path.dirname(os.path.abspath(path))
+        return runner, runner.image_size, read_labels(folder), read_crop_ratio(folder)
     if os.path.isfile(path) and path.endswith(".tflite"):
         try:
             runner = TFLiteModel(path)
         except (ValueError, RuntimeError) as e:
             raise ValueError(f"MODEL: {path!r} is not a valid .tflite file ({e})") from None
-        return runner, runner.image_size, read_labels(path)
+        return runner, runner.image_size, read_labels(path), read_crop_ratio(path)
     model, model_path = load_source(path)
     fn = probability_fn(model)
-    return (lambda images: np.asarray(fn(images))), input_size(model), read_labels(model_path)
+    return ((lambda images: np.asarray(fn(images))), input_size(model), read_labels(model_path),
+            read_crop_ratio(model_path))

@@ -614,6 +614,8 @@ def _train(config, strategy, resuming, splits, source):
         print(f"data: {json.dumps(splits.report)}")
     with open(os.path.join(out, "labels.txt"), "w") as f:
         f.writelines(f"{name}\n" for name in splits.class_names)
+    # How evaluation resized and cropped: predict.py and export do the same.
+    write_json(os.path.join(out, "preprocessing.json"), {"crop_ratio": eval_crop_ratio(config)})
     global_batch = config.batch_size * strategy.num_replicas_in_sync
     shard = worker_shard(strategy) if config.data_dir else None
     steps_per_epoch = splits.num_train * (shard[0] if shard else 1) // global_batch

@@ -146,6 +146,12 @@ def test_finetune_imagenet_style_from_a_torch_checkpoint(new_task, tmp_path):
                                PREPROCESSING["imagenet"]["mean"], rtol=1e-6)
     np.testing.assert_allclose(tuned.get_layer("stage1_block1_conv1").get_weights()[0],
                                ref.layer1[0].conv1.weight.detach().numpy().transpose(2, 3, 1, 0))
+    # The eval crop (0.875 of the shorter side) is recorded for predict.py and export.
+    from keras_resnet.predict import read_crop_ratio
+
+    assert json.loads((out / "preprocessing.json").read_text()) == {"crop_ratio": 0.875}
+    assert read_crop_ratio(str(out / "best.keras")) == 0.875
+    assert read_crop_ratio(str(tmp_path)) == 1.0
 
 
 @pytest.mark.parametrize("extra, message", [
