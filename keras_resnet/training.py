@@ -524,6 +524,21 @@ def finetune(config):
 # --------------------------------------------------------------------------- run dir
 
 
+def check_output_dir(out):
+    """Refuse an output directory that cannot be created or written, touching nothing:
+    the probe file goes into the nearest folder that exists, and is removed."""
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    try:
+        if not os.path.isdir(parent):
+            raise NotADirectoryError(f"{parent!r} is a file")
+        with tempfile.NamedTemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise ValueError(f"output_dir: cannot write to {out!r}: {e.strerror or e}") from None
+
+
 def prepare_run_dir(config):
     """Create / check the run directory; refuse a resume with another config."""
     out = config.output_dir
@@ -584,6 +599,7 @@ def train(config):
     The global dtype policy is set for the run and restored afterwards.
     """
     config.validate()
+    check_output_dir(config.output_dir)
     # First TF call: multi-worker collectives must be configured at start-up.
     strategy = make_strategy(config.strategy)
     keras.utils.set_random_seed(config.seed)
