@@ -61,6 +61,27 @@ def _fail(message):
 PRESETS = ("recipe", "baseline", "smoke")
 
 
+def _check_type(cls, key, value, config_file):
+    """A ``--config`` value must have its field's type (JSON has no tuples or paths)."""
+    import typing
+
+    kind = typing.get_type_hints(cls)[key]
+    allowed = [t for t in (typing.get_args(kind) or (kind,))]
+    ok = any((value is None and t is type(None))
+             or (t is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+             or (t is int and isinstance(value, int) and not isinstance(value, bool))
+             or (t in (str, bool) and isinstance(value, t)) for t in allowed)
+    if not ok:
+        names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+        raise ValueError(f"--config: {key!r} in {config_file!r} is {json_type(value)} "
+                         f"{value!r}; must be {names}")
+
+
+def json_type(value):
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string",
+            list: "a list", dict: "an object", type(None): "null"}.get(type(value), "a value")
+
+
 def resolve_train_config(argv=None, cls=None):
     """The config of a command line: preset < ``--config`` file < typed flags.
 
@@ -103,6 +124,8 @@ def resolve_train_config(argv=None, cls=None):
         if unknown:
             raise ValueError(f"--config: unknown key(s) {', '.join(map(repr, unknown))} in "
                              f"{config_file!r}; allowed: {', '.join(values)}")
+        for key, value in from_file.items():
+            _check_type(cls, key, value, config_file)
         values.update(from_file)
     values.update(args)  # only the flags the user typed are in args
     return cls(**values)

@@ -1,6 +1,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -341,6 +342,21 @@ def test_config_file_errors_name_the_key(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"epochs": 3, "lr_peak": 1}))
     result = run_main(cli.train_main, "--config", str(tmp_path / "bad.json"))
     assert result.returncode == 2 and "unknown key(s) 'lr_peak'" in result.stderr
+    for content in ("null", "[]"):
+        (tmp_path / "c.json").write_text(content)
+        result = run_main(cli.train_main, "--config", str(tmp_path / "c.json"))
+        assert result.returncode == 2 and "must hold a JSON object" in result.stderr
+    for values, message in [({"step_milestones": 0.5},
+                             "'step_milestones' in .* is a number 0.5; must be str"),
+                            ({"epochs": "3"}, "'epochs' in .* is a string '3'; must be int"),
+                            ({"zero_init_residual": 1}, "is a number 1; must be bool"),
+                            ({"max_train_images": [5]}, "is a list .*; must be int or null")]:
+        (tmp_path / "c.json").write_text(json.dumps(values))
+        result = run_main(cli.train_main, "--config", str(tmp_path / "c.json"))
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert re.search(message, result.stderr), result.stderr
+    # JSON numbers are fine where a float is wanted.
+    assert resolve(config={"lr": 1}, tmp_path=tmp_path).lr == 1
 
 
 def test_files_that_do_not_decode_are_skipped_and_counted(tmp_path):
