@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -582,6 +583,50 @@ def _trim_history(path, epochs_done):
         csv.writer(f).writerows(keep)
 
 
+def _backup_readable(weights, metadata):
+    """Whether a backup (weights file and its metadata) reads back whole."""
+    import h5py
+
+    def read(_, obj):
+        if isinstance(obj, h5py.Dataset):
+            obj[()]
+
+    try:
+        with h5py.File(weights, "r") as f:
+            f.visititems(read)
+        with open(metadata) as f:
+            int(json.load(f)["epoch"])
+    except Exception:  # noqa: BLE001 (h5py raises OSError, KeyError, RuntimeError, ...)
+        return False
+    return True
+
+
+def recover_backup(backup_dir):
+    """Make the backup that a resume loads a whole one.
+
+    A kill or a full disk during a save can leave ``latest.weights.h5`` damaged;
+    BackupAndRestore's ``double_checkpoint`` keeps the previous one as ``.bkp``,
+    which then takes its place (and ``history.csv`` is trimmed to match).
+
+    Raises:
+        ValueError: no whole backup is left; the message says how to start over.
+    """
+    weights = os.path.join(backup_dir, "latest.weights.h5")
+    metadata = os.path.join(backup_dir, "training_metadata.json")
+    if not os.path.exists(weights) or _backup_readable(weights, metadata):
+        return
+    if _backup_readable(weights + ".bkp", metadata + ".bkp"):
+        for path in (weights, metadata):
+            shutil.copyfile(path + ".bkp", path + ".tmp")
+            os.replace(path + ".tmp", path)
+        print(f"resume: the last backup in {backup_dir} is damaged; resuming from the one "
+              f"before it (after epoch {_backup_epoch(backup_dir)})")
+        return
+    raise ValueError(f"output_dir: the backup in {backup_dir!r} is damaged and no earlier "
+                     f"copy is whole; to start this run over, remove that folder "
+                     f"(rm -r {backup_dir}) or pass a new --output-dir")
+
+
 def _backup_epoch(backup_dir):
     meta = os.path.join(backup_dir, "training_metadata.json")
     if not os.path.exists(meta):
@@ -670,9 +715,16 @@ def _train(config, strategy, resuming, splits, source):
             jit_compile=jit, steps_per_execution=config.steps_per_execution)
 
     monitor = "val_accuracy" if val_ds is not None else "accuracy"
+    nan = {}
+
+    def note_nan(batch, logs):
+        if "epoch" not in nan and not np.isfinite((logs or {}).get("loss", 0.0)):
+            nan["epoch"] = nan.get("current", 0)
+
     backup = os.path.join(out, "backup")
     history_csv = os.path.join(out, "history.csv")
     if resuming:
+        recover_backup(backup)
         _trim_history(history_csv, _backup_epoch(backup))
     elif os.path.exists(history_csv):  # a run that died before its first epoch ended
         os.remove(history_csv)
@@ -689,6 +741,9 @@ def _train(config, strategy, resuming, splits, source):
         keras.callbacks.ModelCheckpoint(os.path.join(out, "last.keras")),
         keras.callbacks.TensorBoard(os.path.join(out, "logs"), write_graph=False),
         keras.callbacks.TerminateOnNaN(),
+        # Remembers the epoch of a NaN loss (TerminateOnNaN then stops), for the report.
+        keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: nan.update(
+            current=epoch), on_train_batch_end=note_nan),
     ]
     if splits.counts:  # count decoded images over this session's first epoch only
         callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: [
@@ -711,15 +766,27 @@ def _train(config, strategy, resuming, splits, source):
                   validation_data=val_ds, callbacks=callbacks, verbose=config.verbose,
                   shuffle=False)  # tf.data already shuffles
     train_seconds = time.time() - start
-    if model.stop_training and not os.path.exists(os.path.join(out, "best.keras")):
-        raise RuntimeError("training stopped (NaN loss) before any checkpoint was saved")
+    if "epoch" in nan and not os.path.exists(os.path.join(out, "best.keras")):
+        raise ValueError(f"training stopped: the loss became NaN in epoch {nan['epoch']} before "
+                         "any checkpoint was saved; lower --lr (or set --clipnorm)")
     history = read_history(history_csv)
     evaluation.plot_history(history, os.path.join(out, "curves.png"))
 
     report = {"train_seconds_this_session": round(train_seconds, 1),
               "epochs": len(history.get("epoch", []))}
+    if "epoch" in nan:
+        report["stopped"] = (f"NaN loss in epoch {nan['epoch']}: training ended early; the "
+                             "score is of the best checkpoint saved before it")
+        print(f"warning: {report['stopped']}")
     if splits.test is not None:
-        best = keras.saving.load_model(os.path.join(out, "best.keras"), compile=False)
+        scored = next((n for n in ("best.keras", "last.keras")
+                       if os.path.exists(os.path.join(out, n))), None)
+        if scored != "best.keras":  # lost to a kill or deleted: say what is scored
+            report["scored"] = (f"{scored} (best.keras is missing)" if scored else
+                                "the model in memory (best.keras and last.keras are missing)")
+            print(f"note: scoring {report['scored']}")
+        best = (keras.saving.load_model(os.path.join(out, scored), compile=False) if scored
+                else model)
         test_ds = data_lib.make_eval_dataset(splits.test, global_batch, splits.num_classes)
         report.update(evaluation.evaluate(best, test_ds, splits.class_names,
                                           tta_flip=config.tta_flip))

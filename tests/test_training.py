@@ -376,3 +376,50 @@ def test_files_that_do_not_decode_are_skipped_and_counted(tmp_path):
     assert report["num_images"] == 24
     metrics = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
     assert metrics["skipped_in_pipeline"] == {"train": 2, "test": 1}
+
+
+def finished_run(folder, out, **kw):
+    config = smoke(folder, out, epochs=2, **kw)
+    T.train(config)
+    return config
+
+
+@pytest.mark.parametrize("damage", ["truncate", "scribble"])
+def test_a_damaged_backup_resumes_from_the_one_before(folder, tmp_path, damage):
+    config = finished_run(folder, tmp_path / "run")
+    latest = tmp_path / "run" / "backup" / "latest.weights.h5"
+    data = latest.read_bytes()
+    if damage == "truncate":
+        latest.write_bytes(data[:len(data) // 3])
+    else:  # an object header overwritten in the middle of the file
+        middle = len(data) // 2
+        latest.write_bytes(data[:middle] + b"\xff" * 4096 + data[middle + 4096:])
+    report = T.train(config)
+    assert report["epochs"] == 2  # epoch 1 trained again, history not duplicated
+    assert T.read_history(str(tmp_path / "run" / "history.csv"))["epoch"] == [0, 1]
+
+
+def test_no_whole_backup_left_says_how_to_start_over(folder, tmp_path):
+    config = finished_run(folder, tmp_path / "run")
+    backup = tmp_path / "run" / "backup"
+    for name in ("latest.weights.h5", "latest.weights.h5.bkp"):
+        (backup / name).write_bytes(b"\x00" * 100)
+    with pytest.raises(ValueError, match=f"backup in '{backup}' is damaged and no earlier "
+                                         f"copy is whole; .*rm -r {backup}"):
+        T.train(config)
+
+
+def test_a_missing_best_checkpoint_does_not_block_the_resume(folder, tmp_path):
+    config = finished_run(folder, tmp_path / "run")
+    os.remove(tmp_path / "run" / "best.keras")
+    report = T.train(config)
+    assert report["scored"] == "last.keras (best.keras is missing)"
+    assert report["num_images"] == 16
+
+
+def test_nan_loss_is_reported_as_such(folder, tmp_path):
+    report = T.train(smoke(folder, tmp_path / "run", epochs=2, lr=1e12, optimizer="sgd",
+                           schedule="constant", clipnorm=0.0))
+    assert report["stopped"].startswith("NaN loss in epoch 0")
+    metrics = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
+    assert metrics["stopped"] == report["stopped"]
