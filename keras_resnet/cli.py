@@ -215,6 +215,10 @@ def export_main(argv=None):
         model, _model_path = predict.load_source(args.source)
         name = model.name
         output_dir = args.output_dir or os.path.join("saved_models", name)
+        from keras_resnet.training import check_output_dir
+
+        check_output_dir(output_dir, "--output-dir")
+        predict.input_size(model)  # an image model, or a clear message
         images = labels = calibration = None
         class_names = None
         if args.data_dir:
@@ -252,6 +256,7 @@ def export_main(argv=None):
 def predict_main(argv=None):
     """Classify image files or folders with a .keras, SavedModel or .tflite model."""
     import json
+    import sys
 
     import numpy as np
     import tensorflow as tf
@@ -287,12 +292,19 @@ def predict_main(argv=None):
                              + (f" and {len(unreadable) - 5} more" if len(unreadable) > 5
                                 else ""))
         predictor, size, names, crop_ratio = predict.load_predictor(args.model)
+        num_classes = predictor(np.zeros((1, *size, 3), np.uint8)).shape[-1]
+        if names and len(names) != num_classes:
+            raise ValueError(f"MODEL: the labels.txt beside {args.model!r} names {len(names)} "
+                             f"classes, the model predicts {num_classes}; fix or remove it")
     except ValueError as e:
         _fail(str(e))
     k = min(args.top_k, 1000)
     for path in files:
         image = data.decode_image(tf.io.read_file(path), size, crop_ratio).numpy()
         probs = predictor(image[None])[0]
+        if not np.all(np.isfinite(probs)):
+            print(f"warning: {path}: the model's outputs are not finite (NaN): it is "
+                  "broken (e.g. trained with a NaN loss)", file=sys.stderr)
         top = np.argsort(-probs)[:k]
         pairs = [[names[i] if names and i < len(names) else str(i), round(float(probs[i]), 6)]
                  for i in top]

@@ -83,7 +83,12 @@ def probability_fn(model):
 
 
 def input_size(model):
-    h, w = model.input_shape[1:3]
+    """(height, width) of an image model's input."""
+    shape = model.input_shape
+    if isinstance(shape, list) or len(shape) != 4 or shape[-1] != 3:
+        raise ValueError(f"SOURCE: {model.name!r} is not an image classifier: its input is "
+                         f"{shape}; expected (None, height, width, 3)")
+    h, w = shape[1:3]
     if h is None or w is None:
         raise ValueError("SOURCE: the model's input height and width must be fixed to export")
     return int(h), int(w)
@@ -137,7 +142,11 @@ class SavedModelRunner:
     def __init__(self, path):
         import tensorflow as tf
 
-        self.fn = tf.saved_model.load(os.fspath(path)).signatures["serving_default"]
+        try:
+            self.fn = tf.saved_model.load(os.fspath(path)).signatures["serving_default"]
+        except Exception as e:  # noqa: BLE001 (protobuf DecodeError, OSError, KeyError, ...)
+            raise ValueError(f"MODEL: {os.fspath(path)!r} is not a readable SavedModel with a "
+                             f"serving signature ({type(e).__name__}: {e})") from None
         self.image_size = tuple(int(s) for s in self.fn.structured_input_signature[1]
                                 ["images"].shape[1:3])
 

@@ -525,7 +525,7 @@ def finetune(config):
 # --------------------------------------------------------------------------- run dir
 
 
-def check_output_dir(out):
+def check_output_dir(out, name="output_dir"):
     """Refuse an output directory that cannot be created or written, touching nothing:
     the probe file goes into the nearest folder that exists, and is removed."""
     parent = os.path.abspath(out)
@@ -537,7 +537,7 @@ def check_output_dir(out):
         with tempfile.NamedTemporaryFile(dir=parent):
             pass
     except OSError as e:
-        raise ValueError(f"output_dir: cannot write to {out!r}: {e.strerror or e}") from None
+        raise ValueError(f"{name}: cannot write to {out!r}: {e.strerror or e}") from None
 
 
 def prepare_run_dir(config):

@@ -227,3 +227,46 @@ def test_mixed_precision_model_exports_in_float32(tmp_path):
     assert 0 < np.abs(probs - mixed_probs).max() < 0.05
     (tmp_path / "m.tflite").write_bytes(E.convert_tflite(model, "tflite_float32"))
     assert np.abs(P.TFLiteModel(tmp_path / "m.tflite")(images) - probs).max() < 1e-4
+
+
+def test_found_by_trying_export_and_predict(model_path, folder, tmp_path):
+    """Issue 14's list: each was a traceback or a silent wrong answer."""
+    import shutil
+
+    import keras
+
+    image = os.path.join(folder, "test", "dog", "0.jpg")
+    # Export into a path that cannot be a folder (a file on the way): a message.
+    (tmp_path / "file").write_text("x")
+    r = export_cli(model_path, "--output-dir", str(tmp_path / "file" / "out"))
+    assert r.returncode == 2 and "--output-dir: cannot write to" in r.stderr
+    # A .keras file that is not an image model.
+    dense = tmp_path / "dense.keras"
+    keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]).save(dense)
+    r = export_cli(str(dense), "--output-dir", str(tmp_path / "d"))
+    assert r.returncode == 2 and "is not an image classifier: its input is (None, 4)" in r.stderr
+    assert not (tmp_path / "d").exists()
+    # A folder holding a fake saved_model.pb.
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / "saved_model.pb").write_bytes(b"not a protobuf at all")
+    r = predict_cli(str(tmp_path / "fake"), image)
+    assert r.returncode == 2 and "is not a readable SavedModel" in r.stderr
+    assert "Traceback" not in r.stderr
+    # labels.txt that does not fit the model's classes.
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(model_path, run / "best.keras")
+    (run / "labels.txt").write_text("cat\ndog\n")
+    r = predict_cli(str(run), image)
+    assert r.returncode == 2 and "names 2 classes, the model predicts 3" in r.stderr
+
+
+def test_predict_warns_about_nan_outputs(model_path, tmp_path, folder):
+    import keras
+
+    model = keras.saving.load_model(model_path, compile=False)
+    kernel = model.get_layer("predictions").kernel
+    kernel.assign(np.full(kernel.shape, np.nan, "float32"))
+    model.save(tmp_path / "nan.keras")
+    r = predict_cli(str(tmp_path / "nan.keras"), os.path.join(folder, "test", "dog", "0.jpg"))
+    assert r.returncode == 0 and "outputs are not finite (NaN)" in r.stderr
