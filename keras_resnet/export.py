@@ -21,6 +21,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_resnet import locking
 from keras_resnet.predict import (
     SavedModelRunner,
     TFLiteModel,
@@ -166,51 +167,51 @@ def export(source, output_dir, formats=("saved_model", "tflite_float32"), images
     if images.shape[1:] != (h, w, 3):
         raise ValueError(f"images: shape {images.shape[1:]} does not fit the model's input "
                          f"{(h, w, 3)}")
-    os.makedirs(output_dir, exist_ok=True)
-    class_names = class_names or read_labels(model_path)
-    if class_names:
-        _atomic_write(os.path.join(output_dir, "labels.txt"),
-                      "".join(f"{n}\n" for n in class_names).encode())
-    crop_ratio = read_crop_ratio(model_path)
-    if crop_ratio != 1.0:  # predict.py crops as evaluation did
-        _atomic_write(os.path.join(output_dir, "preprocessing.json"),
-                      json.dumps({"crop_ratio": crop_ratio}).encode())
-    reference = np.asarray(probability_fn(model)(images))
-    report = {"source": model_path, "artifacts": {}}
-    for fmt in formats:
-        final = os.path.join(output_dir, ARTIFACT_NAMES[fmt])
-        tmp = tempfile.mkdtemp(prefix=".export-", dir=output_dir)
-        try:
-            staged = os.path.join(tmp, ARTIFACT_NAMES[fmt])
-            if fmt == "saved_model":
-                write_saved_model(model, staged)
-                runner = SavedModelRunner(staged)
-            else:
-                source_model, rewritten = model, []
+    with locking.hold(output_dir):  # one export at a time into a folder
+        class_names = class_names or read_labels(model_path)
+        if class_names:
+            _atomic_write(os.path.join(output_dir, "labels.txt"),
+                          "".join(f"{n}\n" for n in class_names).encode())
+        crop_ratio = read_crop_ratio(model_path)
+        if crop_ratio != 1.0:  # predict.py crops as evaluation did
+            _atomic_write(os.path.join(output_dir, "preprocessing.json"),
+                          json.dumps({"crop_ratio": crop_ratio}).encode())
+        reference = np.asarray(probability_fn(model)(images))
+        report = {"source": model_path, "artifacts": {}}
+        for fmt in formats:
+            final = os.path.join(output_dir, ARTIFACT_NAMES[fmt])
+            tmp = tempfile.mkdtemp(prefix=".export-", dir=output_dir)
+            try:
+                staged = os.path.join(tmp, ARTIFACT_NAMES[fmt])
+                if fmt == "saved_model":
+                    write_saved_model(model, staged)
+                    runner = SavedModelRunner(staged)
+                else:
+                    source_model, rewritten = model, []
+                    if fmt == WINOGRAD:
+                        source_model, rewritten = winograd_model(model)
+                    with open(staged, "wb") as f:
+                        f.write(convert_tflite(source_model, fmt, calibration, int8_io))
+                    runner = TFLiteModel(staged)
+                figures = compare(runner(images), reference, labels)
                 if fmt == WINOGRAD:
-                    source_model, rewritten = winograd_model(model)
-                with open(staged, "wb") as f:
-                    f.write(convert_tflite(source_model, fmt, calibration, int8_io))
-                runner = TFLiteModel(staged)
-            figures = compare(runner(images), reference, labels)
-            if fmt == WINOGRAD:
-                figures["winograd_convs"] = rewritten
-            passed, target = check(fmt, figures)
-            figures.update(passed=passed, target=target, path=final,
-                           size_bytes=_size(staged))
-            if fmt in MAX_ABS_DIFF and not passed:
-                raise ValueError(f"{fmt}: the artifact does not reproduce the Keras model "
-                                 f"({json.dumps(figures)}); nothing was written")
-            if os.path.isdir(final):
-                shutil.rmtree(final)
-            os.replace(staged, final)
-            _atomic_write(final + ".json", json.dumps(figures, indent=2).encode())
-            report["artifacts"][fmt] = figures
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    _atomic_write(os.path.join(output_dir, "export_report.json"),
-                  json.dumps(report, indent=2).encode())
-    return report
+                    figures["winograd_convs"] = rewritten
+                passed, target = check(fmt, figures)
+                figures.update(passed=passed, target=target, path=final,
+                               size_bytes=_size(staged))
+                if fmt in MAX_ABS_DIFF and not passed:
+                    raise ValueError(f"{fmt}: the artifact does not reproduce the Keras model "
+                                     f"({json.dumps(figures)}); nothing was written")
+                if os.path.isdir(final):
+                    shutil.rmtree(final)
+                os.replace(staged, final)
+                _atomic_write(final + ".json", json.dumps(figures, indent=2).encode())
+                report["artifacts"][fmt] = figures
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        _atomic_write(os.path.join(output_dir, "export_report.json"),
+                      json.dumps(report, indent=2).encode())
+        return report
 
 
 def _size(path):

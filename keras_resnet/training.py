@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_resnet import data as data_lib
-from keras_resnet import evaluation
+from keras_resnet import evaluation, locking
 from keras_resnet import weights as weights_lib
 from keras_resnet.model import MODELS, STEMS, build_classifier, build_model
 
@@ -657,13 +657,14 @@ def train(config):
                            image_size=config.image_size or source[1]["image_size"])
     else:
         splits = load_data(config, strategy)
-    resuming = prepare_run_dir(config)
-    policy = keras.config.dtype_policy()
-    try:
-        keras.config.set_dtype_policy(resolve_precision(config.precision))
-        return _train(config, strategy, resuming, splits, source)
-    finally:
-        keras.config.set_dtype_policy(policy)
+    with locking.hold(config.output_dir):  # one writer per run directory
+        resuming = prepare_run_dir(config)
+        policy = keras.config.dtype_policy()
+        try:
+            keras.config.set_dtype_policy(resolve_precision(config.precision))
+            return _train(config, strategy, resuming, splits, source)
+        finally:
+            keras.config.set_dtype_policy(policy)
 
 
 def _train(config, strategy, resuming, splits, source):

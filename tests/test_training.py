@@ -423,3 +423,44 @@ def test_nan_loss_is_reported_as_such(folder, tmp_path):
     assert report["stopped"].startswith("NaN loss in epoch 0")
     metrics = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
     assert metrics["stopped"] == report["stopped"]
+
+
+def test_one_writer_per_run_directory(folder, tmp_path):
+    import socket
+
+    from keras_resnet import locking
+
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = out / locking.LOCK_NAME
+    host = socket.gethostname()
+    # A live process holds it (this one stands in for a second training).
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": host, "since": "now"}))
+    r = run_main(cli.train_main, "--preset", "smoke", "--data-dir", folder, "--output-dir",
+                 out, "--validation-size", "8")
+    assert r.returncode == 2
+    assert f"is in use by process {os.getpid()} on {host}" in r.stderr
+    assert sorted(os.listdir(out)) == [locking.LOCK_NAME]  # nothing else written
+    # Another host's lock cannot be checked: refused, with what to remove.
+    lock.write_text(json.dumps({"pid": 1, "host": "elsewhere", "since": "then"}))
+    with pytest.raises(locking.LockedError, match=f"on host elsewhere; .*remove {lock}"):
+        T.train(smoke(folder, out))
+    # A lock left by a killed process is taken over; the run releases it at the end.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    lock.write_text(json.dumps({"pid": int(dead.stdout), "host": host, "since": "then"}))
+    T.train(smoke(folder, out))
+    assert not lock.exists() and (out / "test_metrics.json").exists()
+
+
+def test_two_exports_into_one_folder(tmp_path):
+    from keras_resnet import export, locking
+
+    source = tmp_path / "m.keras"
+    build_classifier("resnet18", image_size=(8, 8), num_classes=2, mean=(0, 0, 0),
+                     std=(1, 1, 1), stem="cifar").save(source)
+    out = tmp_path / "exp"
+    with locking.hold(str(out)), pytest.raises(locking.LockedError,
+                                               match="is in use by process"):
+        export.export(str(source), str(out))
+    assert os.listdir(out) == []  # the holder released its lock; nothing was written
