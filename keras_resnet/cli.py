@@ -269,28 +269,33 @@ def predict_main(argv=None):
     parser.add_argument("paths", nargs="+", help="image files or folders of images")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="one JSON line per image")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="images decoded (in parallel) and classified per call")
     args = parser.parse_args(argv)
     try:
         if args.top_k < 1:
             raise ValueError(f"--top-k: got {args.top_k}; must be >= 1")
-        files = []
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size: got {args.batch_size}; must be >= 1")
+        files, skipped = [], 0
         for path in args.paths:
             if os.path.isdir(path):
                 found = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
                                if not f.startswith("."))
                 if not found:
                     raise ValueError(f"PATH: folder {path!r} holds no files")
-                files += found
+                readable = [f for f, ok in zip(found, data.scan_images(found), strict=True)
+                            if ok is not None]
+                skipped += len(found) - len(readable)  # a folder may hold other files
+                files += readable
             elif os.path.isfile(path):
+                if data.scan_images([path])[0] is None:
+                    raise ValueError(f"PATH: not a readable image: {path}")
                 files.append(path)
             else:
                 raise ValueError(f"PATH: {path!r} does not exist")
-        unreadable = [f for f, ok in zip(files, data.scan_images(files), strict=True)
-                      if ok is None]
-        if unreadable:
-            raise ValueError(f"PATH: not a readable image: {', '.join(unreadable[:5])}"
-                             + (f" and {len(unreadable) - 5} more" if len(unreadable) > 5
-                                else ""))
+        if not files:
+            raise ValueError(f"PATH: no readable image in {', '.join(args.paths)}")
         predictor, size, names, crop_ratio = predict.load_predictor(args.model)
         num_classes = predictor(np.zeros((1, *size, 3), np.uint8)).shape[-1]
         if names and len(names) != num_classes:
@@ -298,20 +303,32 @@ def predict_main(argv=None):
                              f"classes, the model predicts {num_classes}; fix or remove it")
     except ValueError as e:
         _fail(str(e))
+    if skipped:
+        print(f"note: skipped {skipped} file(s) in the folders that are not readable images",
+              file=sys.stderr)
     k = min(args.top_k, 1000)
-    for path in files:
-        image = data.decode_image(tf.io.read_file(path), size, crop_ratio).numpy()
-        probs = predictor(image[None])[0]
-        if not np.all(np.isfinite(probs)):
-            print(f"warning: {path}: the model's outputs are not finite (NaN): it is "
-                  "broken (e.g. trained with a NaN loss)", file=sys.stderr)
-        top = np.argsort(-probs)[:k]
-        pairs = [[names[i] if names and i < len(names) else str(i), round(float(probs[i]), 6)]
-                 for i in top]
-        if args.json:
-            print(json.dumps({"path": path, "top_k": pairs}))
-        else:
-            print(f"{path}: " + ", ".join(f"{n} {p:.4f}" for n, p in pairs))
+    # Decoded in parallel and classified in batches; a file that passed the scan but does
+    # not decode is dropped with its path (and counted).
+    batches = tf.data.Dataset.from_tensor_slices(files).map(
+        lambda p: (p, data.decode_image(tf.io.read_file(p), size, crop_ratio)),
+        num_parallel_calls=tf.data.AUTOTUNE).ignore_errors().batch(args.batch_size)
+    done = 0
+    for paths, images in batches.prefetch(1):
+        probs = predictor(images.numpy())
+        for path, row in zip((p.decode() for p in paths.numpy()), probs, strict=True):
+            done += 1
+            if not np.all(np.isfinite(row)):
+                print(f"warning: {path}: the model's outputs are not finite (NaN): it is "
+                      "broken (e.g. trained with a NaN loss)", file=sys.stderr)
+            top = np.argsort(-row)[:k]
+            pairs = [[names[i] if names else str(i), round(float(row[i]), 6)] for i in top]
+            if args.json:
+                print(json.dumps({"path": path, "top_k": pairs}))
+            else:
+                print(f"{path}: " + ", ".join(f"{n} {p:.4f}" for n, p in pairs))
+    if done < len(files):
+        print(f"note: {len(files) - done} file(s) did not decode and were skipped",
+              file=sys.stderr)
 
 
 def compare_main(argv=None):

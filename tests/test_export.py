@@ -270,3 +270,19 @@ def test_predict_warns_about_nan_outputs(model_path, tmp_path, folder):
     model.save(tmp_path / "nan.keras")
     r = predict_cli(str(tmp_path / "nan.keras"), os.path.join(folder, "test", "dog", "0.jpg"))
     assert r.returncode == 0 and "outputs are not finite (NaN)" in r.stderr
+
+
+def test_predict_batches_a_folder_and_skips_what_is_not_an_image(model_path, tmp_path):
+    """A 4000x4000 photo is resized; a decompression-bomb PNG and a text file in a folder
+    are skipped with a count, not fatal."""
+    Image.fromarray(np.full((4000, 4000, 3), 120, np.uint8)).save(tmp_path / "big.jpg")
+    Image.new("1", (14000, 14000)).save(tmp_path / "bomb.png")  # 196 Mpx: PIL refuses it
+    (tmp_path / "notes.txt").write_text("not an image")
+    for i in range(5):
+        Image.fromarray(np.full((20, 30, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    r = predict_cli(model_path, str(tmp_path), "--json", "--batch-size", "4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    paths = [json.loads(line)["path"] for line in r.stdout.splitlines()]
+    assert sorted(os.path.basename(p) for p in paths) == sorted(
+        ["big.jpg", *(f"{i}.png" for i in range(5))])
+    assert "skipped 2 file(s)" in r.stderr
