@@ -131,6 +131,14 @@ def resolve_train_config(argv=None, cls=None):
     return cls(**values)
 
 
+def _write_failure(error, output_dir):
+    """One message for a write that failed mid-run (a full disk, most often)."""
+    where = error.filename or output_dir
+    return (f"cannot write {where!r}: {error.strerror or error}. The last whole checkpoint "
+            f"in {os.path.join(output_dir, 'backup')} is kept: free some space and run the "
+            "same command again to resume")
+
+
 def train_main(argv=None):
     """Train a ResNet on CIFAR-10 (tfds or an image folder); resumable."""
     import json
@@ -143,6 +151,8 @@ def train_main(argv=None):
         report = training.train(config)
     except (ValueError, TypeError) as e:
         _fail(str(e))
+    except OSError as e:  # a full disk or a vanished folder during the run
+        _fail(_write_failure(e, config.output_dir))
     summary = {k: v for k, v in report.items() if k != "confusion_matrix"}
     print(json.dumps(summary))
 
@@ -159,6 +169,8 @@ def finetune_main(argv=None):
         report = training.finetune(config)
     except (ValueError, TypeError) as e:
         _fail(str(e))
+    except OSError as e:
+        _fail(_write_failure(e, config.output_dir))
     summary = {k: v for k, v in report.items() if k != "confusion_matrix"}
     print(json.dumps(summary))
 

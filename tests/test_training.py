@@ -464,3 +464,33 @@ def test_two_exports_into_one_folder(tmp_path):
                                                match="is in use by process"):
         export.export(str(source), str(out))
     assert os.listdir(out) == []  # the holder released its lock; nothing was written
+
+
+def test_a_full_disk_names_the_path_and_keeps_the_last_checkpoint(folder, tmp_path,
+                                                                  monkeypatch):
+    import errno
+
+    out = tmp_path / "run"
+    args = ["--preset", "smoke", "--data-dir", folder, "--output-dir", out,
+            "--validation-size", "8", "--epochs", "3"]
+    real_save = keras.callbacks.BackupAndRestore._save_model
+    calls = []
+
+    def save_then_fill_the_disk(self):
+        calls.append(1)
+        if len(calls) == 2:  # the second epoch's backup: the disk is full
+            path = os.path.join(self.backup_dir, "latest.weights.h5")
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        real_save(self)
+
+    monkeypatch.setattr(keras.callbacks.BackupAndRestore, "_save_model",
+                        save_then_fill_the_disk)
+    r = run_main(cli.train_main, *args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "No space left on device" in r.stderr and "latest.weights.h5" in r.stderr
+    assert "run the same command again" in r.stderr
+    assert T._backup_epoch(str(out / "backup")) == 1  # epoch 1's backup survived
+    monkeypatch.setattr(keras.callbacks.BackupAndRestore, "_save_model", real_save)
+    r = run_main(cli.train_main, *args)  # space freed: the same command resumes
+    assert r.returncode == 0, r.stderr
+    assert T.read_history(str(out / "history.csv"))["epoch"] == [0, 1, 2]
