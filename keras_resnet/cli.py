@@ -166,7 +166,7 @@ def finetune_main(argv=None):
     try:
         config = resolve_train_config(argv, training.FinetuneConfig)
         config.validate()
-        report = training.finetune(config)
+        report = training.train(config)  # a FinetuneConfig: weights, modes
     except (ValueError, TypeError) as e:
         _fail(str(e))
     except OSError as e:

@@ -483,9 +483,7 @@ def center_crop_resize(image, image_size, crop_ratio=1.0):
         top, left = (size[0] - h) // 2, (size[1] - w) // 2
         return _to_uint8(resized[top:top + h, left:left + w])
 
-    out = image if crop_ratio == 1.0 else resize()
-    if crop_ratio == 1.0:
-        out = tf.cond(same, lambda: image, resize)
+    out = tf.cond(same, lambda: image, resize) if crop_ratio == 1.0 else resize()
     return tf.ensure_shape(out, (h, w, 3))
 
 

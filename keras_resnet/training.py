@@ -3,8 +3,10 @@
 ``train(config)`` reads top to bottom: validate, data, model, optimiser and
 schedule, fit (resumable), report. Everything a run produced lands in
 ``config.output_dir``: ``config.json``, ``best.keras``, ``last.keras``,
-``history.csv``, ``curves.png``, TensorBoard ``logs/``, ``test_metrics.json``
-and ``confusion_matrix.png``.
+``history.csv``, ``curves.png``, TensorBoard ``logs/``, ``labels.txt``,
+``preprocessing.json``, ``test_metrics.json`` and ``confusion_matrix.png``.
+Fine-tuning is the same run with a ``FinetuneConfig``: pretrained weights,
+their preprocessing, and the layers its mode freezes.
 """
 
 import csv
@@ -514,12 +516,6 @@ def finetune_classifier(config, splits, source=None):
                              std=pre["std"], augmenter=augmenter, stem=stem)
     weights_lib.copy_weights(source, model, skip=NOT_BACKBONE)
     return set_trainable(model, config.mode, config.unfreeze_stages)
-
-
-def finetune(config):
-    """Fine-tune ``config.weights`` on ``config.data_dir``; the run directory is
-    the training script's, and a re-run resumes. Returns the report."""
-    return train(config)
 
 
 # --------------------------------------------------------------------------- run dir
