@@ -7,9 +7,11 @@ prefetches. Images stay in 0..255: normalisation lives in the model (see
 what training saw.
 """
 
+import contextlib
 import dataclasses
 import glob
 import os
+import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -630,6 +632,16 @@ def make_train_dataset(ds, batch_size, num_classes, *, augment=AugmentConfig(), 
 def _mix(layer, images, labels):
     out = layer({"images": images, "labels": labels}, training=True)
     return out["images"], out["labels"]
+
+
+@contextlib.contextmanager
+def unknown_length_ok():
+    """Silence Keras's "Your input ran out of data" for the datasets here: a folder
+    pipeline drops files that do not decode, so its length is not known up front,
+    and running out at the end of the data is what is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Your input ran out of data")
+        yield
 
 
 def make_eval_dataset(ds, batch_size, num_classes):

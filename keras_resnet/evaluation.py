@@ -12,11 +12,14 @@ import numpy as np
 def predict_probabilities(model, ds, tta_flip=False):
     """Softmax probabilities and integer labels over an eval dataset of
     (images, one-hot labels); ``tta_flip`` averages with the mirrored images."""
+    from keras_resnet.data import unknown_length_ok
+
     images = ds.map(lambda x, y: x)
-    probs = _softmax(model.predict(images, verbose=0))
-    if tta_flip:
-        mirrored = images.map(lambda x: x[:, :, ::-1])
-        probs = (probs + _softmax(model.predict(mirrored, verbose=0))) / 2
+    with unknown_length_ok():
+        probs = _softmax(model.predict(images, verbose=0))
+        if tta_flip:
+            mirrored = images.map(lambda x: x[:, :, ::-1])
+            probs = (probs + _softmax(model.predict(mirrored, verbose=0))) / 2
     labels = np.concatenate([np.argmax(y, axis=1) for _, y in ds.as_numpy_iterator()])
     return probs, labels
 

@@ -16,7 +16,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 
 import keras
 import numpy as np
@@ -756,9 +755,7 @@ def _train(config, strategy, resuming, splits, source):
     start = time.time()
     # repeat + steps_per_epoch: a folder pipeline drops files that do not decode, so its
     # length is not known up front (and an epoch stays the same number of steps).
-    with warnings.catch_warnings():
-        # Keras warns when a dataset of unknown length ends: expected for validation.
-        warnings.filterwarnings("ignore", message="Your input ran out of data")
+    with data_lib.unknown_length_ok():
         model.fit(train_ds.repeat(), steps_per_epoch=steps_per_epoch, epochs=config.epochs,
                   validation_data=val_ds, callbacks=callbacks, verbose=config.verbose,
                   shuffle=False)  # tf.data already shuffles

@@ -206,13 +206,13 @@ def test_bad_weights_and_folders_are_refused_before_anything_is_written(
 def test_finetune_script_resumes_and_its_run_predicts(pretrained_run, new_task, tmp_path):
     out = tmp_path / "ft"
     args = finetune_args(new_task, pretrained_run, out, "--mode", "full", "--head-epochs", "1")
-    first = run_script("finetune.py", *args)
+    first = run_main(cli.finetune_main, *args)
     assert first.returncode == 0, first.stderr[-2000:]
-    again = run_script("finetune.py", *args)  # finished run: resumes past the last epoch
+    again = run_script("finetune.py", *args)  # the script; a finished run resumes past its end
     assert again.returncode == 0, again.stderr[-2000:]
     assert T.read_history(str(out / "history.csv"))["epoch"] == [0, 1]
-    pred = run_script("predict.py", str(out), os.path.join(new_task, "test", "ant"),
-                      "--top-k", "1", "--json")
+    pred = run_main(cli.predict_main, str(out), os.path.join(new_task, "test", "ant"),
+                    "--top-k", "1", "--json")
     assert pred.returncode == 0, pred.stderr[-2000:]
     rows = [json.loads(line) for line in pred.stdout.strip().splitlines()]
     assert len(rows) == 6 and all(r["top_k"][0][0] in ("ant", "bee") for r in rows)

@@ -378,15 +378,24 @@ def test_files_that_do_not_decode_are_skipped_and_counted(tmp_path):
     assert metrics["skipped_in_pipeline"] == {"train": 2, "test": 1}
 
 
-def finished_run(folder, out, **kw):
-    config = smoke(folder, out, epochs=2, **kw)
-    T.train(config)
-    return config
+@pytest.fixture(scope="module")
+def finished(folder, tmp_path_factory):
+    """One finished 2-epoch run; each test below damages a copy of it."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    T.train(smoke(folder, out, epochs=2))
+    return out
+
+
+def finished_run(folder, finished, out):
+    import shutil
+
+    shutil.copytree(finished, out)
+    return smoke(folder, out, epochs=2)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "scribble"])
-def test_a_damaged_backup_resumes_from_the_one_before(folder, tmp_path, damage):
-    config = finished_run(folder, tmp_path / "run")
+def test_a_damaged_backup_resumes_from_the_one_before(folder, finished, tmp_path, damage):
+    config = finished_run(folder, finished, tmp_path / "run")
     latest = tmp_path / "run" / "backup" / "latest.weights.h5"
     data = latest.read_bytes()
     if damage == "truncate":
@@ -399,8 +408,8 @@ def test_a_damaged_backup_resumes_from_the_one_before(folder, tmp_path, damage):
     assert T.read_history(str(tmp_path / "run" / "history.csv"))["epoch"] == [0, 1]
 
 
-def test_no_whole_backup_left_says_how_to_start_over(folder, tmp_path):
-    config = finished_run(folder, tmp_path / "run")
+def test_no_whole_backup_left_says_how_to_start_over(folder, finished, tmp_path):
+    config = finished_run(folder, finished, tmp_path / "run")
     backup = tmp_path / "run" / "backup"
     for name in ("latest.weights.h5", "latest.weights.h5.bkp"):
         (backup / name).write_bytes(b"\x00" * 100)
@@ -409,8 +418,8 @@ def test_no_whole_backup_left_says_how_to_start_over(folder, tmp_path):
         T.train(config)
 
 
-def test_a_missing_best_checkpoint_does_not_block_the_resume(folder, tmp_path):
-    config = finished_run(folder, tmp_path / "run")
+def test_a_missing_best_checkpoint_does_not_block_the_resume(folder, finished, tmp_path):
+    config = finished_run(folder, finished, tmp_path / "run")
     os.remove(tmp_path / "run" / "best.keras")
     report = T.train(config)
     assert report["scored"] == "last.keras (best.keras is missing)"
