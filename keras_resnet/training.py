@@ -547,8 +547,16 @@ def prepare_run_dir(config):
     path = os.path.join(out, "config.json")
     resuming = os.path.exists(os.path.join(out, "backup"))
     if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError):
+            saved = None
+        if not isinstance(saved, dict):
+            if resuming:  # it says which config the backup belongs to: do not guess
+                raise ValueError(f"output_dir: {path!r} is not a readable config (edited or "
+                                 "damaged); restore it, or start over with a new --output-dir")
+            saved = {}
         differ = {k: (saved.get(k), v) for k, v in dataclasses.asdict(config).items()
                   if k not in RESUMABLE_FIELDS and saved.get(k) != v}
         if differ and resuming:

@@ -503,3 +503,16 @@ def test_a_full_disk_names_the_path_and_keeps_the_last_checkpoint(folder, tmp_pa
     r = run_main(cli.train_main, *args)  # space freed: the same command resumes
     assert r.returncode == 0, r.stderr
     assert T.read_history(str(out / "history.csv"))["epoch"] == [0, 1, 2]
+
+
+def test_an_edited_config_json_is_refused_by_field_or_as_unreadable(folder, finished,
+                                                                    tmp_path):
+    config = finished_run(folder, finished, tmp_path / "run")
+    path = tmp_path / "run" / "config.json"
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({**saved, "lr": 0.7}))  # edited by hand
+    with pytest.raises(ValueError, match="another config \\(lr: run has 0.7, asked 0.2\\)"):
+        T.train(config)
+    path.write_text('{"lr": 0.2,')  # cut short
+    with pytest.raises(ValueError, match="config.json' is not a readable config"):
+        T.train(config)
