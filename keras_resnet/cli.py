@@ -66,18 +66,18 @@ def _check_type(cls, key, value, config_file):
     import typing
 
     kind = typing.get_type_hints(cls)[key]
-    allowed = [t for t in (typing.get_args(kind) or (kind,))]
+    allowed = typing.get_args(kind) or (kind,)
     ok = any((value is None and t is type(None))
              or (t is float and isinstance(value, (int, float)) and not isinstance(value, bool))
              or (t is int and isinstance(value, int) and not isinstance(value, bool))
              or (t in (str, bool) and isinstance(value, t)) for t in allowed)
     if not ok:
         names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
-        raise ValueError(f"--config: {key!r} in {config_file!r} is {json_type(value)} "
+        raise ValueError(f"--config: {key!r} in {config_file!r} is {_json_type(value)} "
                          f"{value!r}; must be {names}")
 
 
-def json_type(value):
+def _json_type(value):
     return {bool: "a boolean", int: "a number", float: "a number", str: "a string",
             list: "a list", dict: "an object", type(None): "null"}.get(type(value), "a value")
 

@@ -203,6 +203,11 @@ def worker_shard(strategy):
     return count, (resolver.task_id or 0) + chief_first
 
 
+def folder_shard(config, strategy):
+    """This worker's shard of an image folder's training files (None: all of them)."""
+    return worker_shard(strategy) if config.data_dir else None
+
+
 def load_data(config, strategy=None, *, stats=True, image_size=None):
     """The splits ``config`` trains on; each multi-worker process reads its own shard."""
     return data_lib.load_splits(
@@ -211,7 +216,7 @@ def load_data(config, strategy=None, *, stats=True, image_size=None):
         max_eval_images=config.max_eval_images, seed=config.seed,
         image_size=image_size or config.image_size, cache=config.cache,
         resize_train=config.crop != "resized", eval_crop_ratio=eval_crop_ratio(config),
-        stats=stats, shard=worker_shard(strategy) if config.data_dir else None)
+        stats=stats, shard=folder_shard(config, strategy))
 
 
 # --------------------------------------------------------------------- model & optimiser
@@ -682,7 +687,7 @@ def _train(config, strategy, resuming, splits, source):
     # How evaluation resized and cropped: predict.py and export do the same.
     write_json(os.path.join(out, "preprocessing.json"), {"crop_ratio": eval_crop_ratio(config)})
     global_batch = config.batch_size * strategy.num_replicas_in_sync
-    shard = worker_shard(strategy) if config.data_dir else None
+    shard = folder_shard(config, strategy)
     steps_per_epoch = splits.num_train * (shard[0] if shard else 1) // global_batch
     if steps_per_epoch < 1:
         raise ValueError(f"batch_size: global batch {global_batch} is larger than the "
