@@ -92,6 +92,12 @@ def resolve_train_config(argv=None, cls=None):
         ValueError: the ``--config`` file cannot be read, is not a JSON object,
             or names a key that is not a config field.
     """
+    return _resolve(argv, cls)[0]
+
+
+def _resolve(argv, cls=None, add_arguments=None, defaults=None, description=None):
+    """``resolve_train_config`` for a command with more flags: ``add_arguments(parser)``
+    adds them, ``defaults`` replace config defaults; returns (config, the other flags)."""
     import dataclasses
     import json
 
@@ -99,7 +105,13 @@ def resolve_train_config(argv=None, cls=None):
 
     cls = cls or training.TrainConfig
     finetuning = cls is training.FinetuneConfig
-    parser = _config_parser(cls, (finetune_main if finetuning else train_main).__doc__)
+    parser = _config_parser(cls, description or (finetune_main if finetuning
+                                                 else train_main).__doc__)
+    extra = set()
+    if add_arguments:
+        before = {a.dest for a in parser._actions}
+        add_arguments(parser)
+        extra = {a.dest for a in parser._actions} - before
     if not finetuning:
         parser.add_argument("--preset", choices=PRESETS, default="recipe",
                             help="starting point (default: recipe); --config and typed "
@@ -107,10 +119,12 @@ def resolve_train_config(argv=None, cls=None):
     parser.add_argument("--config", help="JSON file of config fields; overrides the "
                         "defaults, typed flags override it")
     args = vars(parser.parse_args(argv))
+    others = {k: args.pop(k) for k in extra}
     preset, config_file = args.pop("preset", None), args.pop("config")
     values = dataclasses.asdict({None: cls, "recipe": training.TrainConfig,
                                  "baseline": training.baseline_config,
                                  "smoke": training.smoke_config}[preset]())
+    values.update(defaults or {})
     if config_file:
         try:
             with open(config_file) as f:
@@ -128,7 +142,7 @@ def resolve_train_config(argv=None, cls=None):
             _check_type(cls, key, value, config_file)
         values.update(from_file)
     values.update(args)  # only the flags the user typed are in args
-    return cls(**values)
+    return cls(**values), others
 
 
 def _write_failure(error, output_dir):
@@ -173,6 +187,43 @@ def finetune_main(argv=None):
         _fail(_write_failure(e, config.output_dir))
     summary = {k: v for k, v in report.items() if k != "confusion_matrix"}
     print(json.dumps(summary))
+
+
+def tune_main(argv=None):
+    """Search training hyperparameters with KerasTuner (grid, random, Bayesian,
+    Hyperband); every training flag is the fixed part of each trial; resumable."""
+    import json
+
+    from keras_resnet import tuning
+
+    def add_arguments(parser):
+        parser.add_argument("--space", help="JSON file: {field: {log|float|int: [low, high]"
+                            "[, step]} or {choice: [...]}}; default: "
+                            f"{json.dumps(tuning.DEFAULT_SPACE)}")
+        parser.add_argument("--tuner", default="bayesian", choices=tuning.TUNERS)
+        parser.add_argument("--max-trials", type=int, default=12,
+                            help="default: 12 (hyperband: set by --epochs, its max epochs)")
+
+    try:
+        config, args = _resolve(argv, add_arguments=add_arguments,
+                                defaults={"output_dir": "runs/tune"},
+                                description=tune_main.__doc__)
+        config.validate()
+        rows = tuning.search(config, tuning.read_space(args["space"]), args["tuner"],
+                             args["max_trials"])
+    except (ValueError, TypeError) as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"cannot write {e.filename or config.output_dir!r}: {e.strerror or e}; run "
+              "the same command again to resume the search")
+    except RuntimeError as e:  # KerasTuner: too many failed trials in a row
+        _fail(f"search stopped: {str(e).strip().splitlines()[0]} (see "
+              f"{os.path.join(config.output_dir, 'results.md')})")
+    done = [r for r in rows if r["status"] == "COMPLETED"]
+    if rows:
+        best = max(done, key=lambda r: r[tuning.OBJECTIVE]) if done else None
+        print(json.dumps({"trials": len(rows), "completed": len(done),
+                          "best": best, "output_dir": config.output_dir}))
 
 
 def _uint8_images(splits_ds, limit):

@@ -107,7 +107,7 @@ class AugmentConfig:
 def load_splits(dataset="cifar10", *, data_dir=None, tfds_data_dir=None,
                 validation_size=5000, max_train_images=None, max_eval_images=None,
                 image_size=None, seed=0, cache="auto", resize_train=True,
-                eval_crop_ratio=1.0, stats=True, shard=None):
+                eval_crop_ratio=1.0, stats=True, shard=None, with_test=True):
     """Load train / validation / test splits from tfds or an image folder.
 
     Args:
@@ -136,6 +136,8 @@ def load_splits(dataset="cifar10", *, data_dir=None, tfds_data_dir=None,
         stats: compute the training split's channel mean / std (not needed
             with pretrained weights, which bring their own).
         shard: (count, index): this worker's disjoint share of the training files.
+        with_test: False leaves the test split unread (``Splits.test`` is None), as a
+            hyperparameter search must.
 
     Raises:
         DataError: the data is missing; the message says what was looked for.
@@ -154,13 +156,13 @@ def load_splits(dataset="cifar10", *, data_dir=None, tfds_data_dir=None,
         return _folder_splits(data_dir, validation_size, max_train_images,
                               max_eval_images, image_size, seed, cache=cache,
                               resize_train=resize_train, eval_crop_ratio=eval_crop_ratio,
-                              stats=stats, shard=shard)
+                              stats=stats, shard=shard, with_test=with_test)
     return _tfds_splits(dataset, tfds_data_dir,
                         5000 if validation_size is None else validation_size, max_train_images,
-                        max_eval_images)
+                        max_eval_images, with_test)
 
 
-def _tfds_splits(dataset, data_dir, validation_size, max_train, max_eval):
+def _tfds_splits(dataset, data_dir, validation_size, max_train, max_eval, with_test=True):
     import tensorflow_datasets as tfds
 
     if dataset not in TFDS_DATASETS:
@@ -170,7 +172,7 @@ def _tfds_splits(dataset, data_dir, validation_size, max_train, max_eval):
     train_end = f"-{validation_size}" if validation_size else ""
     split_names = {"train": f"train[:{train_end}]" if validation_size else "train",
                    "validation": f"train[{train_end}:]" if validation_size else None,
-                   "test": "test"}
+                   "test": "test" if with_test else None}
     loaded = {}
     for key, split in split_names.items():
         if split is None:
@@ -195,7 +197,8 @@ def _tfds_splits(dataset, data_dir, validation_size, max_train, max_eval):
         # tfds knows the size of every split and slice it reads (from its info).
         loaded[key] = ds.cache(), int(ds.cardinality())
     mean, std = KNOWN_STATS[dataset]
-    (train, num_train), (test, num_test) = loaded["train"], loaded["test"]
+    train, num_train = loaded["train"]
+    test, num_test = loaded["test"] or (None, 0)
     validation, num_validation = loaded["validation"] or (None, 0)
     return Splits(train, validation, test, list(info.features["label"].names), (32, 32),
                   mean, std, num_train, num_validation, num_test)
@@ -338,7 +341,7 @@ def _cache_kind(cache, num_bytes, budget):
 
 def _folder_splits(root, validation_size, max_train, max_eval, image_size, seed, *,
                    cache="auto", resize_train=True, eval_crop_ratio=1.0, stats=True,
-                   shard=None, memory_budget=None):
+                   shard=None, memory_budget=None, with_test=True):
     if not os.path.isdir(root):
         raise DataError(f"image folder not found: {root!r}; expected "
                         f"{root}/train/<class>/*.jpg|png (and optionally test/, val/)")
@@ -381,7 +384,7 @@ def _folder_splits(root, validation_size, max_train, max_eval, image_size, seed,
     if not train_paths:
         raise DataError(f"no readable images under {os.path.join(root, 'train')!r}")
     test = None
-    if os.path.isdir(os.path.join(root, "test")):
+    if with_test and os.path.isdir(os.path.join(root, "test")):
         test = _folder_split(os.path.join(root, "test"), names, max_eval, seed, report,
                              "test")
     if image_size is None:  # the most common size of the training images

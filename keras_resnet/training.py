@@ -208,7 +208,7 @@ def folder_shard(config, strategy):
     return worker_shard(strategy) if config.data_dir else None
 
 
-def load_data(config, strategy=None, *, stats=True, image_size=None):
+def load_data(config, strategy=None, *, stats=True, image_size=None, with_test=True):
     """The splits ``config`` trains on; each multi-worker process reads its own shard."""
     return data_lib.load_splits(
         config.dataset, data_dir=config.data_dir, tfds_data_dir=config.tfds_data_dir,
@@ -216,7 +216,7 @@ def load_data(config, strategy=None, *, stats=True, image_size=None):
         max_eval_images=config.max_eval_images, seed=config.seed,
         image_size=image_size or config.image_size, cache=config.cache,
         resize_train=config.crop != "resized", eval_crop_ratio=eval_crop_ratio(config),
-        stats=stats, shard=folder_shard(config, strategy))
+        stats=stats, shard=folder_shard(config, strategy), with_test=with_test)
 
 
 # --------------------------------------------------------------------- model & optimiser
@@ -552,12 +552,8 @@ def prepare_run_dir(config):
     path = os.path.join(out, "config.json")
     resuming = os.path.exists(os.path.join(out, "backup"))
     if os.path.exists(path):
-        try:
-            with open(path) as f:
-                saved = json.load(f)
-        except (OSError, ValueError):
-            saved = None
-        if not isinstance(saved, dict):
+        saved = read_json_object(path)
+        if saved is None:
             if resuming:  # it says which config the backup belongs to: do not guess
                 raise ValueError(f"output_dir: {path!r} is not a readable config (edited or "
                                  "damaged); restore it, or start over with a new --output-dir")
@@ -570,6 +566,16 @@ def prepare_run_dir(config):
                              f"config ({lines}); use a new --output-dir or the same flags")
     write_json(path, dataclasses.asdict(config))
     return resuming
+
+
+def read_json_object(path):
+    """The JSON object in ``path``; None when it cannot be read or is no object."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def write_json(path, obj):
@@ -623,6 +629,12 @@ def recover_backup(backup_dir):
     metadata = os.path.join(backup_dir, "training_metadata.json")
     if not os.path.exists(weights) or _backup_readable(weights, metadata):
         return
+    if not any(os.path.exists(p + ".bkp") for p in (weights, metadata)):
+        # The first backup was cut off mid-write: there is no earlier epoch to lose.
+        shutil.rmtree(backup_dir)
+        print(f"resume: the first backup in {backup_dir} was cut off mid-write; starting "
+              "the run over")
+        return
     if _backup_readable(weights + ".bkp", metadata + ".bkp"):
         for path in (weights, metadata):
             shutil.copyfile(path + ".bkp", path + ".tmp")
@@ -646,10 +658,12 @@ def _backup_epoch(backup_dir):
 # ------------------------------------------------------------------------------ train
 
 
-def train(config):
+def train(config, *, score_test=True):
     """Train, keep the best checkpoint, score the test set once; returns the report.
 
-    The global dtype policy is set for the run and restored afterwards.
+    ``score_test=False`` (a search trial) leaves the test split unread; the report
+    then holds ``best_val_accuracy``. The global dtype policy is set for the run
+    and restored afterwards.
     """
     config.validate()
     check_output_dir(config.output_dir)
@@ -661,10 +675,10 @@ def train(config):
     source = None
     if isinstance(config, FinetuneConfig):  # pretrained weights bring their preprocessing
         source = pretrained_source(config)
-        splits = load_data(config, strategy, stats=False,
+        splits = load_data(config, strategy, stats=False, with_test=score_test,
                            image_size=config.image_size or source[1]["image_size"])
     else:
-        splits = load_data(config, strategy)
+        splits = load_data(config, strategy, with_test=score_test)
     with locking.hold(config.output_dir):  # one writer per run directory
         resuming = prepare_run_dir(config)
         policy = keras.config.dtype_policy()
@@ -781,6 +795,8 @@ def _train(config, strategy, resuming, splits, source):
 
     report = {"train_seconds_this_session": round(train_seconds, 1),
               "epochs": len(history.get("epoch", []))}
+    if "val_accuracy" in history:
+        report["best_val_accuracy"] = float(np.nanmax(history["val_accuracy"]))
     if "epoch" in nan:
         report["stopped"] = (f"NaN loss in epoch {nan['epoch']}: training ended early; the "
                              "score is of the best checkpoint saved before it")

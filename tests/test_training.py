@@ -408,6 +408,21 @@ def test_a_damaged_backup_resumes_from_the_one_before(folder, finished, tmp_path
     assert T.read_history(str(tmp_path / "run" / "history.csv"))["epoch"] == [0, 1]
 
 
+def test_a_first_backup_cut_off_mid_write_starts_the_run_over(folder, finished, tmp_path,
+                                                              capsys):
+    config = finished_run(folder, finished, tmp_path / "run")
+    backup = tmp_path / "run" / "backup"
+    for name in os.listdir(backup):  # as a kill during the first epoch's save leaves it
+        if name.endswith((".bkp", ".json")):
+            os.remove(backup / name)
+    latest = backup / "latest.weights.h5"
+    latest.write_bytes(latest.read_bytes()[:1000])
+    report = T.train(config)
+    assert "the first backup" in capsys.readouterr().out
+    assert report["epochs"] == 2
+    assert T.read_history(str(tmp_path / "run" / "history.csv"))["epoch"] == [0, 1]
+
+
 def test_no_whole_backup_left_says_how_to_start_over(folder, finished, tmp_path):
     config = finished_run(folder, finished, tmp_path / "run")
     backup = tmp_path / "run" / "backup"
