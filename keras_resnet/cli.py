@@ -281,7 +281,7 @@ def export_main(argv=None):
         from keras_resnet.training import check_output_dir
 
         check_output_dir(output_dir, "--output-dir")
-        predict.input_size(model)  # an image model, or a clear message
+        predict.input_size(model, _model_path)  # an image model, or a clear message
         images = labels = calibration = None
         class_names = None
         if args.data_dir:

@@ -168,6 +168,7 @@ def export(source, output_dir, formats=("saved_model", "tflite_float32"), images
         raise ValueError(f"images: shape {images.shape[1:]} does not fit the model's input "
                          f"{(h, w, 3)}")
     with locking.hold(output_dir):  # one export at a time into a folder
+        remove_leftovers(output_dir)
         class_names = class_names or read_labels(model_path)
         if class_names:
             _atomic_write(os.path.join(output_dir, "labels.txt"),
@@ -202,8 +203,8 @@ def export(source, output_dir, formats=("saved_model", "tflite_float32"), images
                 if fmt in MAX_ABS_DIFF and not passed:
                     raise ValueError(f"{fmt}: the artifact does not reproduce the Keras model "
                                      f"({json.dumps(figures)}); nothing was written")
-                if os.path.isdir(final):
-                    shutil.rmtree(final)
+                if os.path.isdir(final):  # moved aside whole (one rename), deleted with tmp
+                    os.replace(final, os.path.join(tmp, "previous"))
                 os.replace(staged, final)
                 _atomic_write(final + ".json", json.dumps(figures, indent=2).encode())
                 report["artifacts"][fmt] = figures
@@ -212,6 +213,17 @@ def export(source, output_dir, formats=("saved_model", "tflite_float32"), images
         _atomic_write(os.path.join(output_dir, "export_report.json"),
                       json.dumps(report, indent=2).encode())
         return report
+
+
+def remove_leftovers(output_dir):
+    """Staging folders and temporary files that a killed export left (the caller holds
+    the folder's lock, so no live export is writing them)."""
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        if name.startswith(".export-") and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif name.endswith(".tmp") and os.path.isfile(path):
+            os.remove(path)
 
 
 def _size(path):

@@ -82,11 +82,12 @@ def probability_fn(model):
     return fn
 
 
-def input_size(model):
-    """(height, width) of an image model's input."""
+def input_size(model, path=None):
+    """(height, width) of an image model's input (``path``: its file, for messages)."""
     shape = model.input_shape
     if isinstance(shape, list) or len(shape) != 4 or shape[-1] != 3:
-        raise ValueError(f"SOURCE: {model.name!r} is not an image classifier: its input is "
+        raise ValueError(f"SOURCE: {os.fspath(path) if path else model.name!r} is not an image "
+                         "classifier: its input is "
                          f"{shape}; expected (None, height, width, 3)")
     h, w = shape[1:3]
     if h is None or w is None:
@@ -170,5 +171,6 @@ def load_predictor(path):
         return runner, runner.image_size, read_labels(path), read_crop_ratio(path)
     model, model_path = load_source(path)
     fn = probability_fn(model)
-    return ((lambda images: np.asarray(fn(images))), input_size(model), read_labels(model_path),
+    return ((lambda images: np.asarray(fn(images))), input_size(model, model_path),
+            read_labels(model_path),
             read_crop_ratio(model_path))

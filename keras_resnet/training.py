@@ -679,6 +679,7 @@ def train(config, *, score_test=True):
                            image_size=config.image_size or source[1]["image_size"])
     else:
         splits = load_data(config, strategy, with_test=score_test)
+    steps_for(config, strategy, splits)  # a batch larger than the data is refused here
     with locking.hold(config.output_dir):  # one writer per run directory
         resuming = prepare_run_dir(config)
         policy = keras.config.dtype_policy()
@@ -687,6 +688,17 @@ def train(config, *, score_test=True):
             return _train(config, strategy, resuming, splits, source)
         finally:
             keras.config.set_dtype_policy(policy)
+
+
+def steps_for(config, strategy, splits):
+    """Training steps per epoch (global batches of the training split, all workers)."""
+    global_batch = config.batch_size * strategy.num_replicas_in_sync
+    shard = folder_shard(config, strategy)
+    steps = splits.num_train * (shard[0] if shard else 1) // global_batch
+    if steps < 1:
+        raise ValueError(f"batch_size: global batch {global_batch} is larger than the "
+                         f"{splits.num_train} training images")
+    return steps
 
 
 def _train(config, strategy, resuming, splits, source):
@@ -702,10 +714,7 @@ def _train(config, strategy, resuming, splits, source):
     write_json(os.path.join(out, "preprocessing.json"), {"crop_ratio": eval_crop_ratio(config)})
     global_batch = config.batch_size * strategy.num_replicas_in_sync
     shard = folder_shard(config, strategy)
-    steps_per_epoch = splits.num_train * (shard[0] if shard else 1) // global_batch
-    if steps_per_epoch < 1:
-        raise ValueError(f"batch_size: global batch {global_batch} is larger than the "
-                         f"{splits.num_train} training images")
+    steps_per_epoch = steps_for(config, strategy, splits)
     lr = config.lr * global_batch / LR_REFERENCE_BATCH
     train_ds = data_lib.make_train_dataset(
         splits.train, global_batch, splits.num_classes, augment=config.augment(),

@@ -231,6 +231,9 @@ def make_oracle(tuner, space, max_trials, seed, max_epochs):
               "max_consecutive_failed_trials": FAILURES_IN_A_ROW}
     if tuner == "hyperband":  # its brackets set the number of trials
         return cls(max_epochs=max_epochs, factor=HYPERBAND_FACTOR, **common)
+    if tuner == "bayesian":  # KerasTuner's default, 3 random points per dimension, would
+        #                      leave a 12-trial search of 3 fields mostly random
+        common["num_initial_points"] = max(2, max_trials // 3)
     return cls(max_trials=max_trials, **common)
 
 

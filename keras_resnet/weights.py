@@ -172,8 +172,9 @@ def load_weights(model, weights, *, arch=None):
         raise ValueError(f"weights: file not found: {path!r} (pass None, 'imagenet' or the "
                          "path of a .pth, .safetensors, .weights.h5 or .keras file)")
     if path.endswith((*TORCH_SUFFIXES, ".safetensors")):
+        state = read_checkpoint(path)  # its errors name the file already
         try:
-            load_torch_state_dict(model, read_checkpoint(path))
+            load_torch_state_dict(model, state)
         except ValueError as e:
             raise ValueError(f"weights: {path!r} does not fit {model.name!r}: {e}") from None
         return

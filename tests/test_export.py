@@ -148,6 +148,42 @@ def test_bad_export_inputs_write_nothing(model_path, folder, tmp_path):
 
 
 @pytest.mark.slow
+def test_export_killed_mid_way_leaves_no_half_written_file(model_path, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import ROOT
+
+    out = tmp_path / "out"
+    command = [sys.executable, os.path.join(ROOT, "scripts", "export_model.py"), model_path,
+               "--output-dir", str(out), "--formats", "saved_model,tflite_float32"]
+    proc = subprocess.Popen(command, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:  # until an artifact is staged
+        if out.exists() and any(n.startswith(".export-") for n in os.listdir(out)):
+            time.sleep(1.0)
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the export finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    artifacts = {E.ARTIFACT_NAMES[f] for f in ("saved_model", "tflite_float32")}
+    for name in os.listdir(out):  # what is there under its final name is whole and checked
+        if name in artifacts:
+            assert (out / (name + ".json")).exists(), name
+    rerun = subprocess.run(command, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+                           capture_output=True, text=True, timeout=600, check=False)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    names = set(os.listdir(out))
+    assert artifacts <= names and "export_report.json" in names
+    assert not [n for n in names if n.startswith(".export-") or n.endswith(".tmp")
+                or n == ".lock"], names
+
+
+@pytest.mark.slow
 def test_predict_from_every_artifact_kind(exported, model_path, folder):
     out, _ = exported
     images = os.path.join(folder, "test", "dog")

@@ -8,7 +8,7 @@ import re
 import keras
 import numpy as np
 import pytest
-from helpers import run_main, run_script, write_folder
+from helpers import run_main, write_folder
 
 from keras_resnet import build_classifier, cli
 from keras_resnet import training as T
@@ -203,14 +203,39 @@ def test_bad_weights_and_folders_are_refused_before_anything_is_written(
 
 
 @pytest.mark.slow
-def test_finetune_script_resumes_and_its_run_predicts(pretrained_run, new_task, tmp_path):
+def test_finetune_killed_mid_run_resumes_and_its_run_predicts(pretrained_run, new_task,
+                                                              tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import ROOT
+
     out = tmp_path / "ft"
-    args = finetune_args(new_task, pretrained_run, out, "--mode", "full", "--head-epochs", "1")
-    first = run_main(cli.finetune_main, *args)
-    assert first.returncode == 0, first.stderr[-2000:]
-    again = run_script("finetune.py", *args)  # the script; a finished run resumes past its end
+    args = [str(a) for a in finetune_args(new_task, pretrained_run, out, "--mode", "full",
+                                          "--head-epochs", "1", "--epochs", "4",
+                                          "--batch-size", "2")]
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "finetune.py"),
+                             *args], env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    meta = out / "backup" / "training_metadata.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads(meta.read_text()).get("epoch", 0) >= 1:
+                break  # past the head-only epoch, inside the next
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "test_metrics.json").exists()
+    again = run_main(cli.finetune_main, *args)  # the same command: resumes
     assert again.returncode == 0, again.stderr[-2000:]
-    assert T.read_history(str(out / "history.csv"))["epoch"] == [0, 1]
+    assert T.read_history(str(out / "history.csv"))["epoch"] == [0, 1, 2, 3]
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp") or f == ".lock"]
     pred = run_main(cli.predict_main, str(out), os.path.join(new_task, "test", "ant"),
                     "--top-k", "1", "--json")
     assert pred.returncode == 0, pred.stderr[-2000:]

@@ -86,6 +86,14 @@ def test_default_space_is_valid_for_every_tuner_and_its_grid_is_counted():
     assert tuning.grid_size({"batch_size": {"int": [8, 32], "step": 8}}) == 4
 
 
+def test_every_tuner_makes_its_oracle():
+    for tuner in tuning.TUNERS:  # the Bayesian one needs scipy (keras-tuner[bayesian])
+        oracle = tuning.make_oracle(tuner, tuning.DEFAULT_SPACE, 12, 0, 3)
+        assert oracle.objective.name == "val_accuracy" and oracle.objective.direction == "max"
+        assert sorted(oracle.get_space().values) == sorted(tuning.DEFAULT_SPACE)
+    assert tuning.make_oracle("bayesian", tuning.DEFAULT_SPACE, 12, 0, 3).num_initial_points == 4
+
+
 def test_bad_search_options_fail_before_anything_is_written(folder, tmp_path):
     out = tmp_path / "out"
     cases = [
