@@ -261,9 +261,9 @@ class RunTuner(kt.engine.base_tuner.BaseTuner):
                                          output_dir=run_dir)
             config.validate()
             report = training.train(config, score_test=False)
-        except OSError as e:  # a full disk: every later trial would fail the same way
-            raise kt.errors.FatalError(f"cannot write {e.filename or run_dir!r}: "
-                                       f"{e.strerror or e}") from None
+        except OSError as e:  # a full disk: every later trial would fail the same way, so
+            #                   the search stops (the trial stays unfinished, to be re-run)
+            raise kt.errors.FatalError(e) from None
         except ValueError as e:  # NaN before any checkpoint, a bad combination, ...
             raise kt.errors.FailedTrialError(str(e)) from None
         if "stopped" in report:
@@ -345,7 +345,10 @@ def search(base, space=None, tuner="bayesian", max_trials=12):
         check_search_dir(out, search_record(base, space, tuner, max_trials))
         oracle = make_oracle(tuner, space, max_trials, base.seed, base.epochs)
         run_tuner = RunTuner(oracle, base, out)
-        run_tuner.search()
+        try:
+            run_tuner.search()
+        except kt.errors.FatalError as e:
+            raise e.args[0] from None  # the OSError of a trial
         if run_tuner._is_worker():
             return []
         return write_results(oracle, out)  # on the chief: every worker's trial is over

@@ -189,6 +189,31 @@ def test_hyperband_sets_each_trials_epochs(folder, tmp_path, monkeypatch):
     assert all(r["status"] == "COMPLETED" for r in rows)
 
 
+def test_a_full_disk_stops_the_search_with_one_message_and_the_trial_resumes(
+        folder, tmp_path, monkeypatch):
+    import errno
+
+    calls = []
+
+    def full_disk(config, score_test=True):
+        calls.append(config.output_dir)
+        raise OSError(errno.ENOSPC, "No space left on device",
+                      os.path.join(config.output_dir, "best.keras"))
+
+    monkeypatch.setattr(tuning.training, "train", full_disk)
+    out = str(tmp_path / "full")
+    argv = fixed(folder, out, "--tuner", "random", "--max-trials", "2")
+    result = run_main(cli.tune_main, *argv)
+    assert result.returncode == 2 and len(calls) == 1  # the search stopped at once
+    assert "No space left on device" in result.stderr and "best.keras" in result.stderr
+    assert "run the same command again to resume" in result.stderr
+    monkeypatch.setattr(tuning.training, "train", lambda config, score_test=True: calls.append(
+        config.output_dir) or {"best_val_accuracy": 0.5, "epochs": 1})
+    assert run_main(cli.tune_main, *argv).returncode == 0
+    assert calls[1] == calls[0]  # the unfinished trial ran again, in its own folder
+    assert [r["status"] for r in read_trials(out)] == ["COMPLETED", "COMPLETED"]
+
+
 def _tune_command(folder, out, *more):
     return [sys.executable, os.path.join(ROOT, "scripts", "tune.py"),
             *map(str, fixed(folder, out, *more))]
