@@ -302,6 +302,9 @@ def export_main(argv=None):
                                class_names=class_names)
     except ValueError as e:
         _fail(str(e))
+    except OSError as e:  # a full disk: the artifacts written before it are whole
+        _fail(f"cannot write {e.filename or output_dir!r}: {e.strerror or e}; nothing "
+              f"half-written is left in {output_dir!r}: free some space and run it again")
     print(f"{'artifact':22} {'size MB':>8} {'max|dp|':>9} {'agree':>6} {'top1':>6} "
           f"{'keras':>6}  target")
     for fmt, r in report["artifacts"].items():

@@ -265,11 +265,15 @@ class RunTuner(kt.engine.base_tuner.BaseTuner):
             #                   the search stops (the trial stays unfinished, to be re-run)
             raise kt.errors.FatalError(e) from None
         except ValueError as e:  # NaN before any checkpoint, a bad combination, ...
-            raise kt.errors.FailedTrialError(str(e)) from None
+            self._failed(trial, str(e))
         if "stopped" in report:
-            raise kt.errors.FailedTrialError(report["stopped"])
+            self._failed(trial, report["stopped"])
         return {OBJECTIVE: report["best_val_accuracy"], "epochs": report["epochs"],
                 "seconds": round(time.time() - start, 1)}
+
+    def _failed(self, trial, reason):
+        print(f"tuner {self.tuner_id}: trial {trial.trial_id} failed: {reason}", flush=True)
+        raise kt.errors.FailedTrialError(reason) from None
 
     def on_trial_end(self, trial):
         super().on_trial_end(trial)
@@ -338,6 +342,9 @@ def search(base, space=None, tuner="bayesian", max_trials=12):
                          "the space (a grid cut short would search only its first corner)")
     out = base.output_dir
     training.check_output_dir(out)
+    # KerasTuner prints each failed trial's traceback while its DEBUG flag (no public
+    # switch) is on; the one-line reason is printed by run_trial and kept in trials.csv.
+    kt.src.config.DEBUG = False
     tuner_id = os.environ.get("KERASTUNER_TUNER_ID", "tuner0")
     # One process per tuner id: a second one with the same id would run its trials twice.
     lock_dir = out if tuner_id == "tuner0" else os.path.join(out, "locks", tuner_id)
@@ -349,6 +356,10 @@ def search(base, space=None, tuner="bayesian", max_trials=12):
             run_tuner.search()
         except kt.errors.FatalError as e:
             raise e.args[0] from None  # the OSError of a trial
+        except RuntimeError:  # too many failed trials in a row: record them, then stop
+            if not run_tuner._is_worker():
+                write_results(oracle, out)
+            raise
         if run_tuner._is_worker():
             return []
         return write_results(oracle, out)  # on the chief: every worker's trial is over

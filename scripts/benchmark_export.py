@@ -61,8 +61,10 @@ def main():
                 key = fmt if len(args.folders) == 1 else f"{os.path.basename(folder)}:{fmt}"
                 artifacts[key] = (fmt, info)
 
-    from keras_resnet.benchmark import latency_ms
+    from keras_resnet.benchmark import latency_ms, machine
     from keras_resnet.predict import TFLiteModel
+
+    print(f"machine: {machine()}", flush=True)
 
     def measure(fmt, path, n):
         if fmt == "saved_model":
@@ -90,7 +92,7 @@ def main():
         print(f"{key:22} {row['size_mb']:8.2f} MB  " + "  ".join(
             f"{n} thr: median {row[f'threads_{n}']['median_ms']:.3f} ms, "
             f"p90 {row[f'threads_{n}']['p90_ms']:.3f} ms" for n in threads), flush=True)
-    print(json.dumps({"runs": args.runs, "rounds": args.rounds, "warmup": args.warmup,
+    print(json.dumps({"machine": machine(), "runs": args.runs, "rounds": args.rounds, "warmup": args.warmup,
                       "artifacts": results}))
 
 

@@ -147,6 +147,21 @@ def test_bad_export_inputs_write_nothing(model_path, folder, tmp_path):
     assert not any((tmp_path / d).exists() for d in "abc")
 
 
+def test_a_full_disk_during_export_says_so_and_leaves_nothing_half_written(
+        model_path, tmp_path, monkeypatch):
+    import errno
+
+    def full(model, fmt, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "x"))
+
+    monkeypatch.setattr(E, "convert_tflite", full)
+    r = export_cli(model_path, "--output-dir", str(tmp_path / "out"), "--formats",
+                   "tflite_float32")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "No space left on device" in r.stderr and str(tmp_path / "out") in r.stderr
+    assert sorted(os.listdir(tmp_path / "out")) == ["labels.txt"]  # no staging folder left
+
+
 @pytest.mark.slow
 def test_export_killed_mid_way_leaves_no_half_written_file(model_path, tmp_path):
     import signal
@@ -199,8 +214,15 @@ def test_predict_from_every_artifact_kind(exported, model_path, folder):
     keras_top = [x["top_k"][0][0] for x in results[model_path]]
     tflite_top = [x["top_k"][0][0] for x in results[str(out / "model_float32.tflite")]]
     assert keras_top == tflite_top
-    text = run_script("predict.py", model_path, os.path.join(images, "0.jpg"))  # the script itself
-    assert text.returncode == 0 and text.stdout.startswith(os.path.join(images, "0.jpg") + ":")
+    # The predict.py script itself, run by its benchmark (on a folder and on one image).
+    bench = run_script("benchmark_predict.py", str(out / "model_float32.tflite"), "--images",
+                       images, "--rounds", "1")
+    assert bench.returncode == 0, bench.stderr[-2000:]
+    assert bench.stdout.startswith("machine: ")
+    result = json.loads(bench.stdout.strip().splitlines()[-1])["results"]
+    figures = result[str(out / "model_float32.tflite")]
+    assert figures["images"] == 8 and figures["images_per_s"] > 0
+    assert figures["one_image_wall_s"] > 0
 
 
 def test_predict_converts_odd_images(model_path, tmp_path):
@@ -233,6 +255,7 @@ def test_benchmark_export_script(exported):
                    "--rounds", "1")
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert r.stdout.startswith("machine: ") and result["machine"] in r.stdout
     assert set(result["artifacts"]) == set(E.ALL_FORMATS)
     for row in result["artifacts"].values():
         for n in (1, 2):

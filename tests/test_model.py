@@ -229,3 +229,16 @@ def test_keras_save_load_and_weights(tmp_path):
     with pytest.raises(ValueError, match="does not fit"):
         kr.build_resnet18(input_shape=(32, 32, 3), classes=100, stem="cifar",
                           weights=str(wpath))
+
+
+def test_machine_names_the_cpu_and_its_speed_flags(tmp_path):
+    from keras_resnet.benchmark import machine
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9654\n"
+                    "flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16\n\n"
+                    "processor\t: 1\nmodel name\t: AMD EPYC 9654\nflags\t\t: fpu\n")
+    line = machine(str(info))
+    assert line.startswith("AMD EPYC 9654, ") and line.endswith(
+        "flags: avx2 fma avx512f avx512_bf16")
+    assert "unknown CPU" in machine(str(tmp_path / "none"))

@@ -214,6 +214,21 @@ def test_a_full_disk_stops_the_search_with_one_message_and_the_trial_resumes(
     assert [r["status"] for r in read_trials(out)] == ["COMPLETED", "COMPLETED"]
 
 
+def test_failures_in_a_row_stop_the_search_with_a_message(folder, tmp_path, monkeypatch):
+    def broken(config, score_test=True):
+        raise ValueError("data_dir: something every trial trips on")
+
+    monkeypatch.setattr(tuning.training, "train", broken)
+    out = str(tmp_path / "broken")
+    result = run_main(cli.tune_main, *fixed(folder, out, "--tuner", "random"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "search stopped: Number of consecutive failures exceeded the limit of 5" in \
+        result.stderr
+    rows = read_trials(out)
+    assert len(rows) == tuning.FAILURES_IN_A_ROW and {r["status"] for r in rows} == {"FAILED"}
+    assert all("something every trial trips on" in r["note"] for r in rows)
+
+
 def _tune_command(folder, out, *more):
     return [sys.executable, os.path.join(ROOT, "scripts", "tune.py"),
             *map(str, fixed(folder, out, *more))]
