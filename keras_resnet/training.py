@@ -804,8 +804,9 @@ def _train(config, strategy, resuming, splits, source):
 
     report = {"train_seconds_this_session": round(train_seconds, 1),
               "epochs": len(history.get("epoch", []))}
-    if "val_accuracy" in history:
-        report["best_val_accuracy"] = float(np.nanmax(history["val_accuracy"]))
+    scores = [v for v in history.get("val_accuracy", []) if np.isfinite(v)]
+    if scores:
+        report["best_val_accuracy"] = max(scores)
     if "epoch" in nan:
         report["stopped"] = (f"NaN loss in epoch {nan['epoch']}: training ended early; the "
                              "score is of the best checkpoint saved before it")

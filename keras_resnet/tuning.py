@@ -268,7 +268,8 @@ class RunTuner(kt.engine.base_tuner.BaseTuner):
             self._failed(trial, str(e))
         if "stopped" in report:
             self._failed(trial, report["stopped"])
-        return {OBJECTIVE: report["best_val_accuracy"], "epochs": report["epochs"],
+        return {OBJECTIVE: report.get("best_val_accuracy", float("nan")),  # NaN: failed
+                "epochs": report["epochs"],
                 "seconds": round(time.time() - start, 1)}
 
     def _failed(self, trial, reason):
