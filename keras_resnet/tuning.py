@@ -423,25 +423,23 @@ def write_results(oracle, out):
     os.replace(os.path.join(out, "results.md.tmp"), os.path.join(out, "results.md"))
     if done:
         best = done[0]
-        base = oracle_base(out)
-        config = {k: v for k, v in base.items() if k not in BUDGET_FIELDS}
+        with open(os.path.join(out, "search.json")) as f:
+            record = json.load(f)
+        config = {k: v for k, v in record["fixed"].items() if k not in BUDGET_FIELDS}
         config.update({c: best[c] for c in searched})
         training.write_json(os.path.join(out, "best_config.json"), config)
-        plot_search(rows, searched, os.path.join(out, "search.png"))
+        log_axes = {name for name, entry in record["space"].items() if "log" in entry}
+        plot_search(rows, searched, os.path.join(out, "search.png"), log_axes)
     return rows
-
-
-def oracle_base(out):
-    with open(os.path.join(out, "search.json")) as f:
-        return json.load(f)["fixed"]
 
 
 def _fmt(v):
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def plot_search(rows, searched, path):
-    """The objective per trial (with the best so far) and against each searched value."""
+def plot_search(rows, searched, path, log_axes=()):
+    """The objective per trial (with the best so far) and against each searched value
+    (on a log axis for the fields in ``log_axes``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -461,7 +459,7 @@ def plot_search(rows, searched, path):
         xs = [r[name] for r in done]
         if all(_is_number(x) for x in xs):
             ax.plot(xs, scores, "o")
-            if min(xs) > 0 and max(xs) / min(xs) > 20:
+            if name in log_axes:
                 ax.set_xscale("log")
         else:  # choices: one column per value
             labels = sorted({str(x) for x in xs})
