@@ -65,13 +65,11 @@ def _check_type(cls, key, value, config_file):
     """A ``--config`` value must have its field's type (JSON has no tuples or paths)."""
     import typing
 
+    from keras_resnet.training import fits_type
+
     kind = typing.get_type_hints(cls)[key]
     allowed = typing.get_args(kind) or (kind,)
-    ok = any((value is None and t is type(None))
-             or (t is float and isinstance(value, (int, float)) and not isinstance(value, bool))
-             or (t is int and isinstance(value, int) and not isinstance(value, bool))
-             or (t in (str, bool) and isinstance(value, t)) for t in allowed)
-    if not ok:
+    if not fits_type(value, kind):
         names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
         raise ValueError(f"--config: {key!r} in {config_file!r} is {_json_type(value)} "
                          f"{value!r}; must be {names}")

@@ -163,6 +163,18 @@ def _is_int(v):
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def fits_type(value, kind):
+    """Whether a JSON value can be a field of type ``kind`` (an int is a float, a bool
+    is no number; ``X | None`` also takes None)."""
+    import typing
+
+    return any((value is None and t is type(None))
+               or (t is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+               or (t is int and _is_int(value))
+               or (t in (str, bool) and isinstance(value, t))
+               for t in typing.get_args(kind) or (kind,))
+
+
 def smoke_config(**overrides):
     """A tiny run for tests and CI: few images, one epoch, small batches."""
     return dataclasses.replace(

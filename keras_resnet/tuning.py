@@ -138,9 +138,7 @@ def _is_number(v):
 
 
 def _check_value(name, value, field_type):
-    ok = (isinstance(value, field_type) and not (field_type is int and isinstance(value, bool))
-          or field_type is float and _is_number(value))
-    if not ok:
+    if not training.fits_type(value, field_type):
         raise SpaceError(f"--space: {name!r} is {TYPE_NAMES[field_type]} field; the choice "
                          f"{value!r} is not")
 
