@@ -5,6 +5,8 @@ import os
 # Quiet TensorFlow's C++ start-up logging unless the user asked for it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# Registers the custom augmentation layer, so saved models holding it load.
+from keras_resnet.augment import RandomPadCrop
 from keras_resnet.model import (
     MODELS,
     RESNET_SPECS,
@@ -25,7 +27,7 @@ from keras_resnet.weights import save_torch_weights
 
 __version__ = "0.1.0"
 __all__ = [
-    "MODELS", "RESNET_SPECS", "basic_block", "bottleneck_block", "build_classifier",
+    "MODELS", "RESNET_SPECS", "RandomPadCrop", "basic_block", "bottleneck_block", "build_classifier",
     "build_model",
     "build_resnet", "build_resnet18", "build_resnet34", "build_resnet50",
     "build_resnet101", "build_resnet152", "resnet_stem", "save_torch_weights", "stage",

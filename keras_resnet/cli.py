@@ -323,9 +323,9 @@ def predict_main(argv=None):
     import sys
 
     import numpy as np
-    import tensorflow as tf
 
-    from keras_resnet import data, predict
+    from keras_resnet import predict
+    from keras_resnet.sources import scan_images
 
     parser = argparse.ArgumentParser(description=predict_main.__doc__)
     parser.add_argument("model", help=".keras file, run directory, SavedModel directory "
@@ -348,12 +348,12 @@ def predict_main(argv=None):
                                if not f.startswith("."))
                 if not found:
                     raise ValueError(f"PATH: folder {path!r} holds no files")
-                readable = [f for f, ok in zip(found, data.scan_images(found), strict=True)
+                readable = [f for f, ok in zip(found, scan_images(found), strict=True)
                             if ok is not None]
                 skipped += len(found) - len(readable)  # a folder may hold other files
                 files += readable
             elif os.path.isfile(path):
-                if data.scan_images([path])[0] is None:
+                if scan_images([path])[0] is None:
                     raise ValueError(f"PATH: not a readable image: {path}")
                 files.append(path)
             else:
@@ -373,13 +373,10 @@ def predict_main(argv=None):
     k = min(args.top_k, 1000)
     # Decoded in parallel and classified in batches; a file that passed the scan but does
     # not decode is dropped with its path (and counted).
-    batches = tf.data.Dataset.from_tensor_slices(files).map(
-        lambda p: (p, data.decode_image(tf.io.read_file(p), size, crop_ratio)),
-        num_parallel_calls=tf.data.AUTOTUNE).ignore_errors().batch(args.batch_size)
     done = 0
-    for paths, images in batches.prefetch(1):
-        probs = predictor(images.numpy())
-        for path, row in zip((p.decode() for p in paths.numpy()), probs, strict=True):
+    for paths, images in predict.image_batches(files, size, crop_ratio, args.batch_size):
+        probs = predictor(images)
+        for path, row in zip(paths, probs, strict=True):
             done += 1
             if not np.all(np.isfinite(row)):
                 print(f"warning: {path}: the model's outputs are not finite (NaN): it is "

@@ -7,24 +7,29 @@ prefetches. Images stay in 0..255: normalisation lives in the model (see
 what training saw.
 """
 
-import contextlib
-import dataclasses
 import glob
 import os
-import warnings
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+# Re-exported: the augmentation and the file listing are part of this module's API.
+from keras_resnet.augment import AugmentConfig, RandomPadCrop, build_augmenter  # noqa: F401
+from keras_resnet.sources import (  # noqa: F401
+    IMAGE_EXTENSIONS,
+    DataError,
+    Splits,
+    folder_files,
+    list_image_folder,
+    ram_budget,
+    scan_images,
+    seeded_subset,
+    unknown_length_ok,
+)
+
 AUTOTUNE = tf.data.AUTOTUNE
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
-DECODABLE_FORMATS = ("JPEG", "PNG", "BMP", "GIF")  # what tf.io.decode_image reads (PIL names)
 CACHES = ("auto", "memory", "none")  # or a folder path: a disk cache
-SCAN_LIMIT = 20_000    # splits up to this many files get their headers read up front
-SIZE_SAMPLE = 256      # headers read from a larger split, for its sizes
 STATS_SAMPLE = 5_000   # images the channel statistics come from when not cached in memory
 DISK_SHUFFLE_BUFFER = 10_000  # images in the shuffle window over a disk cache
 TFDS_DATASETS = ("cifar10", "cifar100")
@@ -33,72 +38,6 @@ KNOWN_STATS = {
     "cifar10": ((125.31, 122.95, 113.87), (62.99, 62.09, 66.70)),
     "cifar100": ((129.30, 124.07, 112.43), (68.17, 65.39, 70.42)),
 }
-
-
-class DataError(ValueError):
-    """The data asked for is missing or unusable; the message says how to fix it."""
-
-
-@dataclasses.dataclass
-class Splits:
-    """Raw (uint8 image, int label) datasets, unbatched and cached."""
-
-    train: tf.data.Dataset
-    validation: tf.data.Dataset | None
-    test: tf.data.Dataset | None
-    class_names: list
-    image_size: tuple
-    mean: tuple  # per channel, 0..255 scale
-    std: tuple
-    num_train: int
-    num_validation: int
-    num_test: int
-    report: dict = dataclasses.field(default_factory=dict)
-    pre_shuffled: bool = False  # train streams in a fresh order each epoch already
-    counts: dict = dataclasses.field(default_factory=dict)  # split -> DecodeCount (folders)
-
-    @property
-    def num_classes(self):
-        return len(self.class_names)
-
-
-@dataclasses.dataclass(frozen=True)
-class AugmentConfig:
-    """Training-time augmentation; every image draws its own parameters."""
-
-    crop_flip: bool = True        # random crop + horizontal flip
-    crop: str = "pad"             # "pad": pad-and-crop at the image size (CIFAR); "resized":
-    #                               random resized crop from the full image (ImageNet)
-    crop_padding: int = 4         # pixels of zero padding for the "pad" crop
-    crop_scale: tuple = (0.08, 1.0)   # "resized": range of the crop's share of the area
-    crop_ratio: tuple = (3 / 4, 4 / 3)  # "resized": range of the crop's aspect ratio
-    rotation: float = 0.0         # max rotation in degrees; 0 = off
-    color_jitter: float = 0.0     # brightness / contrast / saturation strength 0..1; 0 = off
-    erasing: float = 0.0          # probability of random erasing (cutout) per image; 0 = off
-    mixup: float = 0.0            # Beta(alpha, alpha) of mixup; 0 = off
-    cutmix: float = 0.0           # Beta(alpha, alpha) of cutmix; 0 = off
-    randaugment: int = 0          # RandAugment ops per image; 0 = off
-    randaugment_magnitude: float = 0.5  # RandAugment strength 0..1
-    in_model: bool = False        # run the image augmentations inside the model
-
-    def __post_init__(self):
-        for field in ("crop_padding", "rotation", "color_jitter", "erasing", "mixup",
-                      "cutmix", "randaugment", "randaugment_magnitude"):
-            if getattr(self, field) < 0:
-                raise ValueError(f"augment.{field}: got {getattr(self, field)}; must be >= 0")
-        for field in ("color_jitter", "erasing", "randaugment_magnitude"):
-            if getattr(self, field) > 1:
-                raise ValueError(f"augment.{field}: got {getattr(self, field)}; must be <= 1")
-        if self.mixup and self.cutmix:
-            raise ValueError("augment: mixup and cutmix are exclusive; set one of them to 0")
-        if self.crop not in ("pad", "resized"):
-            raise ValueError(f"augment.crop: got {self.crop!r}; allowed: pad, resized")
-        for field, top in (("crop_scale", 1.0), ("crop_ratio", None)):
-            lo_hi = getattr(self, field)
-            if (len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]
-                    or (top is not None and lo_hi[1] > top)):
-                raise ValueError(f"augment.{field}: got {lo_hi!r}; must be (low, high) with "
-                                 f"0 < low <= high{' <= 1' if top else ''}")
 
 
 # ----------------------------------------------------------------------------- sources
@@ -223,116 +162,6 @@ class DecodeCount:
         return self.listed - int(self.decoded.numpy())
 
 
-def list_image_folder(split_dir, class_names=None):
-    """Image files and labels of ``split_dir/<class>/*``, class folders sorted into labels.
-
-    Returns (paths, labels, class_names, empty class folders, files skipped for
-    their extension); only ``IMAGE_EXTENSIONS`` are listed.
-    """
-    if not os.path.isdir(split_dir):
-        raise DataError(f"image folder split not found: {split_dir!r}; expected "
-                        "<root>/<split>/<class>/*.jpg|png")
-    found = sorted(d for d in os.listdir(split_dir)
-                   if os.path.isdir(os.path.join(split_dir, d)))
-    if class_names is None:
-        class_names = found
-    if not class_names:
-        raise DataError(f"no class folders in {split_dir!r}; expected <class>/*.jpg|png")
-    unknown = set(found) - set(class_names)
-    if unknown:
-        raise DataError(f"{split_dir!r} has class folders not in the training split: "
-                        f"{sorted(unknown)}")
-    paths, labels, empty, other = [], [], [], 0
-    for label, name in enumerate(class_names):
-        folder = os.path.join(split_dir, name)
-        files = sorted(f for f in os.listdir(folder) if not f.startswith(".")) \
-            if os.path.isdir(folder) else []
-        files = [os.path.join(folder, f) for f in files
-                 if os.path.isfile(os.path.join(folder, f))]
-        images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
-        other += len(files) - len(images)
-        if not images:
-            empty.append(name)
-        paths += images
-        labels += [label] * len(images)
-    return paths, labels, class_names, empty, other
-
-
-def scan_images(paths):
-    """Read every file's image header with PIL: (mode, (height, width)) or None.
-
-    Only the header is read (no pixels), so the scan is cheap at any image
-    size. None marks a file that is no image, or one in a format TensorFlow's
-    decoder cannot read (TIFF, WebP, ...): the pipeline would fail on it.
-    Bodies that are corrupt past the header are dropped by the pipeline.
-    """
-    from PIL import Image
-
-    def probe(path):
-        try:
-            with Image.open(path) as im:
-                if im.format not in DECODABLE_FORMATS:
-                    return None
-                return im.mode, im.size[::-1]
-        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
-            return None
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        return list(pool.map(probe, paths, chunksize=64))
-
-
-def _subset(paths, labels, limit, seed):
-    """A seeded choice of ``limit`` files (all of them when ``limit`` is None)."""
-    if limit and limit < len(paths):
-        keep = np.sort(np.random.default_rng(seed).permutation(len(paths))[:limit])
-        return [paths[i] for i in keep], [labels[i] for i in keep]
-    return paths, labels
-
-
-def _readable(paths, labels, empty, other, report, key):
-    """Probe the files (all of them up to ``SCAN_LIMIT``, else a sample for the sizes);
-    what was skipped or converted goes to ``report[key]``."""
-    scanned, listed = len(paths) <= SCAN_LIMIT, len(paths)
-    if scanned:
-        info = scan_images(paths)
-        good = [i for i, v in enumerate(info) if v is not None]
-        paths, labels = [paths[i] for i in good], [labels[i] for i in good]
-    else:  # large folder: no up-front pass; bad files are dropped in the pipeline
-        sample = np.random.default_rng(0).choice(len(paths), SIZE_SAMPLE, replace=False)
-        info = scan_images([paths[i] for i in sample])
-    info = [v for v in info if v is not None]
-    report[key] = {
-        "images": len(paths),
-        "skipped_unreadable": listed - len(paths),  # by the header scan; 0 if not scanned
-        "skipped_not_image": other,
-        "scanned": scanned,
-        "converted_mode": sum(1 for v in info if v[0] != "RGB"),
-        "empty_class_folders": empty,
-        "sizes": dict(Counter(f"{v[1][0]}x{v[1][1]}" for v in info).most_common()),
-        "mean_pixels": float(np.mean([v[1][0] * v[1][1] for v in info])) if info else 0.0,
-    }
-    return paths, labels
-
-
-def _folder_split(split_dir, class_names, limit, seed, report, key):
-    paths, labels, _, empty, other = list_image_folder(split_dir, class_names)
-    return _readable(*_subset(paths, labels, limit, seed), empty, other, report, key)
-
-
-def _shard(paths, labels, shard):
-    """Worker ``index`` of ``count``: every count-th file, all shards the same length."""
-    if shard is None:
-        return paths, labels
-    count, index = shard
-    per_worker = len(paths) // count
-    return paths[index::count][:per_worker], labels[index::count][:per_worker]
-
-
-def _memory_budget():
-    """Bytes of decoded images that ``cache="auto"`` keeps in RAM: a quarter of it."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
-
-
 def _cache_kind(cache, num_bytes, budget):
     if cache == "auto":
         return "memory" if num_bytes <= budget else "none"
@@ -342,56 +171,12 @@ def _cache_kind(cache, num_bytes, budget):
 def _folder_splits(root, validation_size, max_train, max_eval, image_size, seed, *,
                    cache="auto", resize_train=True, eval_crop_ratio=1.0, stats=True,
                    shard=None, memory_budget=None, with_test=True):
-    if not os.path.isdir(root):
-        raise DataError(f"image folder not found: {root!r}; expected "
-                        f"{root}/train/<class>/*.jpg|png (and optionally test/, val/)")
-    report = {}
-    # As with tfds: the validation split is carved first, then both are cut
-    # to max_train / max_eval, so a small trial keeps a proper validation set.
-    train_paths, train_labels, names, empty, other = list_image_folder(
-        os.path.join(root, "train"))
-    if not train_paths:
-        raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under "
-                        f"{os.path.join(root, 'train')!r}")
-    if len(names) - len(empty) < 2:
-        raise DataError(f"{os.path.join(root, 'train')!r} has images of "
-                        f"{len(names) - len(empty)} class; a classifier needs at least 2 "
-                        "class folders with images")
-    val_dir = next((os.path.join(root, d) for d in ("val", "validation")
-                    if os.path.isdir(os.path.join(root, d))), None)
-    val = None
-    if validation_size is None:
-        validation_size = max(1, len(train_paths) // 10)
-    if val_dir:
-        val = _folder_split(val_dir, names, max_eval, seed, report, "validation")
-    elif validation_size:
-        if validation_size >= len(train_paths):
-            raise ValueError(f"validation_size: {validation_size} leaves no training images "
-                             f"of {len(train_paths)}")
-        # A fixed permutation, independent of the training seed: the validation
-        # set stays the same across runs and seeds.
-        order = np.random.default_rng(12345).permutation(len(train_paths))
-        vi, ti = np.sort(order[:validation_size]), np.sort(order[validation_size:])
-        val_files = _subset([train_paths[i] for i in vi], [train_labels[i] for i in vi],
-                            max_eval, seed)
-        val = _readable(*val_files, [], 0, report, "validation")
-        report["validation"]["carved_from"] = "train"
-        train_paths = [train_paths[i] for i in ti]
-        train_labels = [train_labels[i] for i in ti]
-    train_paths, train_labels = _shard(*_readable(
-        *_subset(train_paths, train_labels, max_train, seed), empty, other, report, "train"),
-        shard)
-    if not train_paths:
-        raise DataError(f"no readable images under {os.path.join(root, 'train')!r}")
-    test = None
-    if with_test and os.path.isdir(os.path.join(root, "test")):
-        test = _folder_split(os.path.join(root, "test"), names, max_eval, seed, report,
-                             "test")
-    if image_size is None:  # the most common size of the training images
-        image_size = next(iter(report["train"]["sizes"])).split("x")
-    image_size = (image_size, image_size) if isinstance(image_size, int) else image_size
-    image_size = tuple(int(s) for s in image_size)
-    budget = _memory_budget() if memory_budget is None else memory_budget
+    files = folder_files(root, validation_size, max_train, max_eval, image_size, seed,
+                         shard=shard, with_test=with_test)
+    names, (train_paths, train_labels), val, test = (
+        files.class_names, files.train, files.validation, files.test)
+    image_size, report = files.image_size, files.report
+    budget = ram_budget() if memory_budget is None else memory_budget
     pixels = report["train"]["mean_pixels"] if not resize_train else np.prod(image_size)
     train_cache = _cache_kind(cache, len(train_paths) * pixels * 3, budget)
     report["train"]["cache"] = train_cache
@@ -415,7 +200,7 @@ def _folder_splits(root, validation_size, max_train, max_eval, image_size, seed,
         # Over every training image when they are in memory (one pass, which
         # fills the cache); else over a seeded sample, decoded once.
         sample = (train if train_cache == "memory" and resize_train else
-                  folder_dataset(*_subset(train_paths, train_labels, STATS_SAMPLE, seed),
+                  folder_dataset(*seeded_subset(train_paths, train_labels, STATS_SAMPLE, seed),
                                  image_size, crop_ratio=eval_crop_ratio))
         mean, std = channel_stats(sample)
     return Splits(train, held_out(val, "validation"), held_out(test, "test"), names,
@@ -547,43 +332,7 @@ def channel_stats(ds):
 # ----------------------------------------------------------------------- augmentation
 
 
-def build_augmenter(config, image_size, seed=None):
-    """Batched image augmentation as Keras layers (per-image random parameters).
-
-    Keras's ``RandomCrop`` cuts one window for the whole batch, so the
-    pad-and-crop is a ``RandomTranslation`` by up to ``crop_padding`` pixels
-    with zero fill and nearest sampling: an integer shift per image, which is
-    what padding then cropping does.
-    """
-    layers = keras.layers
-    h, w = image_size
-    aug = []
-    if config.crop_flip and config.crop == "pad":
-        aug += [layers.RandomTranslation(config.crop_padding / h, config.crop_padding / w,
-                                         fill_mode="constant", interpolation="nearest",
-                                         seed=seed, dtype="float32", name="aug_crop")]
-    if config.crop_flip:  # the "resized" crop happens per image, before batching
-        aug.append(layers.RandomFlip("horizontal", seed=seed, dtype="float32",
-                                     name="aug_flip"))
-    if config.rotation:
-        aug.append(layers.RandomRotation(config.rotation / 360.0, fill_mode="constant",
-                                         seed=seed, dtype="float32", name="aug_rotation"))
-    if config.color_jitter:
-        s = config.color_jitter
-        aug.append(layers.RandomColorJitter(value_range=(0, 255), brightness_factor=s,
-                                            contrast_factor=s, saturation_factor=(0.5 - s / 2,
-                                                                                  0.5 + s / 2),
-                                            seed=seed, dtype="float32",
-                                            name="aug_color_jitter"))
-    if config.erasing:
-        aug.append(layers.RandomErasing(factor=config.erasing, scale=(0.02, 0.25),
-                                        value_range=(0, 255), seed=seed, dtype="float32",
-                                        name="aug_erasing"))
-    # float32 whatever the global policy: pixel values, not activations.
-    return keras.Sequential(aug, name="augment") if aug else None
-
-
-def make_train_dataset(ds, batch_size, num_classes, *, augment=AugmentConfig(), seed=0,
+def make_train_dataset(ds, batch_size, num_classes, *, augment=None, seed=0,
                        shuffle_buffer=50_000, image_size=None, drop_remainder=True):
     """Shuffle (seeded, fresh order each epoch), augment, batch, prefetch.
 
@@ -596,6 +345,7 @@ def make_train_dataset(ds, batch_size, num_classes, *, augment=AugmentConfig(), 
     """
     if batch_size < 1:
         raise ValueError(f"batch_size: got {batch_size}; must be >= 1")
+    augment = augment or AugmentConfig()
     image_size = tuple(image_size or ds.element_spec[0].shape[:2])
     if shuffle_buffer:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
@@ -635,16 +385,6 @@ def make_train_dataset(ds, batch_size, num_classes, *, augment=AugmentConfig(), 
 def _mix(layer, images, labels):
     out = layer({"images": images, "labels": labels}, training=True)
     return out["images"], out["labels"]
-
-
-@contextlib.contextmanager
-def unknown_length_ok():
-    """Silence Keras's "Your input ran out of data" for the datasets here: a folder
-    pipeline drops files that do not decode, so its length is not known up front,
-    and running out at the end of the data is what is meant."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Your input ran out of data")
-        yield
 
 
 def make_eval_dataset(ds, batch_size, num_classes):

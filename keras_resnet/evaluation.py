@@ -9,34 +9,45 @@ import keras
 import numpy as np
 
 
-def predict_probabilities(model, ds, tta_flip=False):
-    """Softmax probabilities and integer labels over an eval dataset of
-    (images, one-hot labels); ``tta_flip`` averages with the mirrored images."""
-    from keras_resnet.data import unknown_length_ok
+def predict_probabilities(model, data, tta_flip=False, batch_size=128):
+    """Softmax probabilities and integer labels over ``data``: a tf.data dataset of
+    (images, one-hot labels), or (uint8 images, int labels) arrays (the memory
+    pipeline); ``tta_flip`` averages with the mirrored images."""
+    from keras_resnet.sources import unknown_length_ok
 
-    images = ds.map(lambda x, y: x)
-    with unknown_length_ok():
-        probs = _softmax(model.predict(images, verbose=0))
-        if tta_flip:
-            mirrored = images.map(lambda x: x[:, :, ::-1])
-            probs = (probs + _softmax(model.predict(mirrored, verbose=0))) / 2
-    labels = np.concatenate([np.argmax(y, axis=1) for _, y in ds.as_numpy_iterator()])
-    return probs, labels
+    if isinstance(data, tuple):  # arrays: no TensorFlow needed
+        from keras_resnet.arrays import BatchFeed
+
+        images, labels = data
+
+        def run(flip):
+            feed = BatchFeed(images[:, :, ::-1] if flip else images, None, batch_size, 0)
+            return _softmax(model.predict(feed, verbose=0))
+    else:
+        labels = np.concatenate([np.argmax(y, axis=1) for _, y in data.as_numpy_iterator()])
+
+        def run(flip):
+            images = data.map(lambda x, y: x[:, :, ::-1] if flip else x)
+            with unknown_length_ok():
+                return _softmax(model.predict(images, verbose=0))
+    probs = run(False)
+    if tta_flip:
+        probs = (probs + run(True)) / 2
+    return probs, np.asarray(labels)
 
 
 def _softmax(logits):
     return np.asarray(keras.ops.softmax(keras.ops.cast(logits, "float32"), axis=-1))
 
 
-def evaluate(model, ds, class_names, tta_flip=False):
-    """top1, top5, per-class accuracy and the confusion matrix on ``ds``."""
-    import tensorflow as tf
-
-    probs, labels = predict_probabilities(model, ds, tta_flip)
+def evaluate(model, data, class_names, tta_flip=False, batch_size=128):
+    """top1, top5, per-class accuracy and the confusion matrix on ``data``."""
+    probs, labels = predict_probabilities(model, data, tta_flip, batch_size)
     top5 = np.argsort(-probs, axis=1)[:, :5]
     pred = top5[:, 0]
     n = len(class_names)
-    confusion = tf.math.confusion_matrix(labels, pred, num_classes=n).numpy()
+    confusion = np.zeros((n, n), np.int64)
+    np.add.at(confusion, (labels, pred), 1)
     per_class = {name: round(float(confusion[i, i] / max(confusion[i].sum(), 1)), 4)
                  for i, name in enumerate(class_names)}
     return {"top1": round(float(np.mean(pred == labels)), 4),

@@ -174,3 +174,33 @@ def load_predictor(path):
     return ((lambda images: np.asarray(fn(images))), input_size(model, model_path),
             read_labels(model_path),
             read_crop_ratio(model_path))
+
+
+def image_batches(files, image_size, crop_ratio=1.0, batch_size=32):
+    """(paths, uint8 images) in batches, decoded in parallel; files that do not
+    decode are left out. TensorFlow's decoder when it is installed (the one
+    evaluation used), else PIL's (``keras_resnet.arrays``, the memory pipeline's)."""
+    from keras_resnet.training import tensorflow_available
+
+    if tensorflow_available():
+        import tensorflow as tf
+
+        from keras_resnet import data
+
+        batches = tf.data.Dataset.from_tensor_slices(list(files)).map(
+            lambda p: (p, data.decode_image(tf.io.read_file(p), image_size, crop_ratio)),
+            num_parallel_calls=tf.data.AUTOTUNE).ignore_errors().batch(batch_size)
+        for paths, images in batches.prefetch(1):
+            yield [p.decode() for p in paths.numpy()], images.numpy()
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    from keras_resnet.arrays import DECODE_THREADS, decode_file
+
+    with ThreadPoolExecutor(DECODE_THREADS) as pool:
+        for start in range(0, len(files), batch_size):
+            chunk = files[start:start + batch_size]
+            decoded = pool.map(lambda f: decode_file(f, image_size, crop_ratio), chunk)
+            pairs = [(f, im) for f, im in zip(chunk, decoded, strict=True) if im is not None]
+            if pairs:
+                yield [f for f, _ in pairs], np.stack([im for _, im in pairs])

@@ -9,31 +9,39 @@ Fine-tuning is the same run with a ``FinetuneConfig``: pretrained weights,
 their preprocessing, and the layers its mode freezes.
 """
 
+import contextlib
 import csv
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
 import time
 
 import keras
 import numpy as np
-import tensorflow as tf
 
-from keras_resnet import data as data_lib
-from keras_resnet import evaluation, locking
+from keras_resnet import arrays, evaluation, locking
 from keras_resnet import weights as weights_lib
+from keras_resnet.augment import AugmentConfig, build_augmenter
 from keras_resnet.model import MODELS, STEMS, build_classifier, build_model
+from keras_resnet.sources import unknown_length_ok
 
 OPTIMIZERS = ("sgd", "nesterov", "rmsprop", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine", "onecycle")
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
-STRATEGIES = ("default", "mirrored", "multiworker")
+STRATEGIES = ("default", "mirrored", "multiworker", "data-parallel")
+TF_STRATEGIES = ("mirrored", "multiworker")  # tf.distribute: the TensorFlow backend
+PIPELINES = ("auto", "tfdata", "memory")
+BACKENDS = ("tensorflow", "jax")  # Keras backends keras_resnet trains on
 ONE_CYCLE_START = 1 / 25  # one-cycle warm-up starts at this fraction of the peak LR
 LR_REFERENCE_BATCH = 128  # ``lr`` is given per 128 images; scaled linearly with the batch
 # Fields that may differ when a run directory is resumed (they do not change the math).
-RESUMABLE_FIELDS = ("output_dir", "verbose", "tta_flip")
+RESUMABLE_FIELDS = ("output_dir", "verbose", "tta_flip", "coordinator", "process_id",
+                    "coordinator_timeout")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +83,10 @@ class TrainConfig:
     mixup: float = 0.0                 # Beta alpha
     cutmix: float = 0.0                # Beta alpha
     randaugment: int = 0               # ops per image
-    augment_in_model: bool = False     # augment inside the model (on the accelerator)
+    augment_in_model: bool = False     # augment inside the model (on the accelerator);
+    #                                    always so with the memory pipeline or under JAX
+    pipeline: str = "auto"             # auto | tfdata | memory; auto = tfdata on the
+    #                                    TensorFlow backend, memory on JAX
     validation_size: int = 5000        # images carved from train; test is scored once
     max_train_images: int | None = None
     max_eval_images: int | None = None
@@ -83,19 +94,24 @@ class TrainConfig:
     precision: str = "auto"            # auto | float32 | bfloat16 | float16
     jit_compile: str = "auto"          # auto | on | off (XLA); auto = on for GPUs only
     steps_per_execution: int = 1
-    strategy: str = "default"          # default | mirrored | multiworker
+    strategy: str = "default"          # default | mirrored | multiworker (TensorFlow) |
+    #                                    data-parallel (JAX: keras.distribution)
+    coordinator: str | None = None     # JAX multi-host: HOST:PORT of process 0
+    num_processes: int = 1             # JAX multi-host: processes in the run
+    process_id: int = 0                # JAX multi-host: this process, 0..num_processes-1
+    coordinator_timeout: float = 300.0  # seconds to wait for the other processes
     early_stopping: int = 0            # patience in epochs; 0 = off
     tta_flip: bool = False             # flip test-time augmentation for the test score
     verbose: int = 1                   # Keras progress bar: 0 silent, 1 bar, 2 line/epoch
 
     def augment(self):
-        return data_lib.AugmentConfig(
+        return AugmentConfig(
             crop_flip=self.crop_flip, crop=self.crop, crop_scale=_pair(self.crop_scale,
                                                                        "crop_scale"),
             crop_ratio=_pair(self.crop_ratio, "crop_ratio"),
             rotation=self.rotation, color_jitter=self.color_jitter,
             erasing=self.erasing, mixup=self.mixup, cutmix=self.cutmix,
-            randaugment=self.randaugment, in_model=self.augment_in_model)
+            randaugment=self.randaugment, in_model=augments_in_model(self))
 
     def validate(self):
         """Raise ``ValueError`` naming the first bad field, before any work."""
@@ -144,6 +160,7 @@ class TrainConfig:
             raise ValueError(f"step_milestones: got {self.step_milestones!r}; must be "
                              "comma-separated fractions of the run in (0, 1)")
         self.augment()  # validates the augmentation fields
+        check_backend(self)
         if self.data_dir is not None and not os.path.isdir(self.data_dir):
             raise ValueError(f"data_dir: {self.data_dir!r} is not a directory (expected an "
                              "image folder root/train/<class>/*.jpg)")
@@ -175,6 +192,96 @@ def fits_type(value, kind):
                for t in typing.get_args(kind) or (kind,))
 
 
+def tensorflow_available():
+    """Whether TensorFlow can be imported here (GPU machines may have only JAX),
+    without importing it (under JAX it would claim GPU memory)."""
+    if "tensorflow" in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec("tensorflow") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def pipeline_of(config):
+    """The input pipeline a run uses: "tfdata" or "memory" ("auto": by backend)."""
+    if config.pipeline != "auto":
+        return config.pipeline
+    return "tfdata" if keras.backend.backend() == "tensorflow" else "memory"
+
+
+def augments_in_model(config):
+    """Whether the batched image augmentations run inside the model: when asked,
+    with the memory pipeline (it has no augmentation of its own), and under JAX
+    (in a tf.data map they would run on TensorFlow ops)."""
+    return (config.augment_in_model or pipeline_of(config) == "memory"
+            or keras.backend.backend() != "tensorflow")
+
+
+# What the memory pipeline cannot do: these run per image in tf.data, or (rotation)
+# are not jit-compatible inside the model.
+NOT_IN_MEMORY = {"rotation": "--rotation", "randaugment": "--randaugment",
+                 "mixup": "--mixup", "cutmix": "--cutmix"}
+
+
+def check_backend(config):
+    """Refuse, naming the flag, what this Keras backend (and machine) cannot run."""
+    backend = keras.backend.backend()
+    if backend not in BACKENDS:
+        raise ValueError(f"KERAS_BACKEND: got {backend!r}; keras_resnet trains with "
+                         f"{' or '.join(BACKENDS)} (on torch, Keras's jit_compile recompiles "
+                         "at every step: see docs/backends.md)")
+    checks = [
+        ("pipeline", config.pipeline in PIPELINES, f"one of {', '.join(PIPELINES)}"),
+        ("strategy", backend == "tensorflow" or config.strategy not in TF_STRATEGIES,
+         ("default or data-parallel under JAX (mirrored and multiworker are tf.distribute: "
+         "KERAS_BACKEND=tensorflow)")),
+        ("strategy", backend == "jax" or config.strategy != "data-parallel",
+         ("default, mirrored or multiworker under TensorFlow (data-parallel is "
+         "keras.distribution: KERAS_BACKEND=jax)")),
+        ("num_processes", _is_int(config.num_processes) and config.num_processes >= 1,
+         "an integer >= 1"),
+        ("process_id", _is_int(config.process_id)
+         and 0 <= config.process_id < max(config.num_processes, 1),
+         (f"an integer in 0..{config.num_processes - 1} (--num-processes "
+         f"{config.num_processes})")),
+        ("coordinator_timeout", config.coordinator_timeout > 0, "> 0 seconds"),
+    ]
+    for field, ok, allowed in checks:
+        if not ok:
+            raise ValueError(f"{field}: got {getattr(config, field)!r}; must be {allowed}")
+    multi = config.coordinator is not None or config.num_processes > 1
+    if multi:
+        host, _, port = (config.coordinator or "").rpartition(":")
+        if backend != "jax":
+            raise ValueError("coordinator: multi-host runs through jax.distributed need "
+                             "KERAS_BACKEND=jax (under TensorFlow use --strategy multiworker "
+                             "and TF_CONFIG)")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"coordinator: got {config.coordinator!r}; must be HOST:PORT of "
+                             "process 0, the same on every process")
+        if config.num_processes < 2:
+            raise ValueError(f"num_processes: got {config.num_processes}; a run with "
+                             "--coordinator needs >= 2 processes")
+        if config.strategy != "data-parallel":
+            raise ValueError(f"strategy: got {config.strategy!r}; a multi-host run needs "
+                             "--strategy data-parallel")
+        if pipeline_of(config) != "memory":
+            raise ValueError("pipeline: a multi-host run feeds each process's shard from "
+                             "memory; use --pipeline memory")
+    if pipeline_of(config) == "tfdata" and not tensorflow_available():
+        raise ValueError("pipeline: tfdata needs TensorFlow, which is not installed here; "
+                         "use --pipeline memory")
+    if pipeline_of(config) == "memory":
+        if config.crop == "resized" and config.crop_flip:
+            raise ValueError("crop: the memory pipeline holds images at one size; the "
+                             "resized crop needs --pipeline tfdata (or --crop pad)")
+        for field, flag in NOT_IN_MEMORY.items():
+            if getattr(config, field):
+                raise ValueError(f"{field}: {flag} runs in the tf.data pipeline only; use "
+                                 "--pipeline tfdata, or leave it at 0 with --pipeline memory")
+
+
 def smoke_config(**overrides):
     """A tiny run for tests and CI: few images, one epoch, small batches."""
     return dataclasses.replace(
@@ -201,27 +308,28 @@ def eval_crop_ratio(config):
     return 0.875 if config.crop == "resized" else 1.0
 
 
-def worker_shard(strategy):
-    """(workers, this worker's index) under a multi-worker strategy, else None."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None:
-        return None
-    spec = resolver.cluster_spec()
-    jobs = [j for j in ("chief", "worker") if j in spec.jobs]
-    count = sum(spec.num_tasks(j) for j in jobs)
-    if count < 2:
-        return None
-    chief_first = "chief" in spec.jobs and resolver.task_type == "worker"
-    return count, (resolver.task_id or 0) + chief_first
-
-
 def folder_shard(config, strategy):
-    """This worker's shard of an image folder's training files (None: all of them)."""
+    """(count, index): this process's disjoint share of the training images, or None
+    (all of them). tf.distribute shards a tfds source itself; an image folder, and
+    every source under JAX, is sharded here."""
+    if isinstance(strategy, JaxDevices):
+        return strategy.shard()
+    from keras_resnet.tf_strategy import worker_shard
+
     return worker_shard(strategy) if config.data_dir else None
 
 
 def load_data(config, strategy=None, *, stats=True, image_size=None, with_test=True):
     """The splits ``config`` trains on; each multi-worker process reads its own shard."""
+    if pipeline_of(config) == "memory":
+        return arrays.load_memory_splits(
+            config.dataset, data_dir=config.data_dir, tfds_data_dir=config.tfds_data_dir,
+            validation_size=config.validation_size, max_train_images=config.max_train_images,
+            max_eval_images=config.max_eval_images, seed=config.seed,
+            image_size=image_size or config.image_size, eval_crop_ratio=eval_crop_ratio(config),
+            stats=stats, shard=folder_shard(config, strategy), with_test=with_test)
+    from keras_resnet import data as data_lib
+
     return data_lib.load_splits(
         config.dataset, data_dir=config.data_dir, tfds_data_dir=config.tfds_data_dir,
         validation_size=config.validation_size, max_train_images=config.max_train_images,
@@ -234,10 +342,16 @@ def load_data(config, strategy=None, *, stats=True, image_size=None, with_test=T
 # --------------------------------------------------------------------- model & optimiser
 
 
+def augmenter_for(config, splits):
+    """The in-model augmentation layers of a run, or None (augmented in tf.data)."""
+    if not augments_in_model(config):
+        return None
+    return build_augmenter(config.augment(), splits.image_size, config.seed)
+
+
 def classifier_for(config, splits):
     """The model ``config`` trains on ``splits``: preprocessing inside, logits out."""
-    augmenter = (data_lib.build_augmenter(config.augment(), splits.image_size, config.seed)
-                 if config.augment_in_model else None)
+    augmenter = augmenter_for(config, splits)
     return build_classifier(config.model, image_size=splits.image_size,
                             num_classes=splits.num_classes, mean=splits.mean, std=splits.std,
                             augmenter=augmenter, stem=config.stem,
@@ -321,12 +435,29 @@ def resolve_precision(precision):
     if precision != "auto":
         return {"float32": "float32", "bfloat16": "mixed_bfloat16",
                 "float16": "mixed_float16"}[precision]
+    major = gpu_capability()
+    if major is None:  # XLA on CPU (JAX) has no fast bfloat16 path: float32 there
+        tf_cpu = keras.backend.backend() == "tensorflow"
+        return "mixed_bfloat16" if tf_cpu and cpu_has_bfloat16() else "float32"
+    return "mixed_bfloat16" if major >= 8 else "mixed_float16"
+
+
+def gpu_capability():
+    """The compute capability major of the first GPU (8 = Ampere), None without one."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        gpus = [d for d in jax.devices() if d.platform == "gpu"]
+        if not gpus:
+            return None
+        return int(str(getattr(gpus[0], "compute_capability", "0")).split(".")[0])
+    import tensorflow as tf
+
     gpus = tf.config.list_physical_devices("GPU")
     if not gpus:
-        return "mixed_bfloat16" if cpu_has_bfloat16() else "float32"
-    major = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability",
-                                                                   (0, 0))[0]
-    return "mixed_bfloat16" if major >= 8 else "mixed_float16"
+        return None
+    return tf.config.experimental.get_device_details(gpus[0]).get("compute_capability",
+                                                                  (0, 0))[0]
 
 
 def cpu_has_bfloat16(cpuinfo="/proc/cpuinfo"):
@@ -345,32 +476,95 @@ def cpu_has_bfloat16(cpuinfo="/proc/cpuinfo"):
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-class KerasMultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
-    """MultiWorkerMirroredStrategy that accepts the reductions Keras 3 asks of it.
+class JaxDevices:
+    """What training asks of a strategy, under JAX: the replicas, this process's
+    share of the data, and a scope. ``data-parallel`` is Keras's
+    ``DataParallel`` over every device of every process (each batch split along
+    its first axis, weights replicated); else Keras's default placement."""
 
-    Keras 3's TF trainer (checked on 3.15) reduces a nested (x, y) batch at the
-    start of ``fit`` and asks for ``reduce(MEAN, scalar, axis=0)`` on each
-    step's metrics; the stock strategy rejects both. Reducing leaf by leaf,
-    with no axis for scalars, is what Keras means.
+    def __init__(self, config):
+        import jax
+
+        if config.num_processes > 1:
+            join_processes(config)
+        self.distribution = None
+        if config.strategy == "data-parallel":
+            # Each process feeds its own shard (folder_shard): no auto-sharding.
+            self.distribution = keras.distribution.DataParallel(
+                devices=keras.distribution.list_devices(), auto_shard_dataset=False)
+        self.num_replicas_in_sync = len(jax.devices()) if self.distribution else 1
+        self.num_processes, self.process_id = jax.process_count(), jax.process_index()
+
+    def scope(self):
+        return self.distribution.scope() if self.distribution else contextlib.nullcontext()
+
+    def shard(self):
+        return (self.num_processes, self.process_id) if self.num_processes > 1 else None
+
+
+def join_processes(config):
+    """Join a multi-host JAX run (``jax.distributed``; process 0 serves the
+    coordinator). Collectives on CPU go through gloo (JAX's default).
+
+    JAX ends the process (a C++ abort, no exception) when it cannot reach the
+    coordinator, so processes other than 0 first wait for its port to accept a
+    connection, up to ``coordinator_timeout``, and stop with a message if it never does.
     """
+    import jax
 
-    def reduce(self, reduce_op, value, axis):
-        def leaf(v):
-            first = self.experimental_local_results(v)[0]
-            rank = getattr(first, "shape", tf.TensorShape([])).rank
-            return super(KerasMultiWorkerStrategy, self).reduce(
-                reduce_op, v, axis if rank else None)
+    if config.process_id != 0:
+        wait_for_port(config.coordinator, config.coordinator_timeout,
+                      f"process {config.process_id} of {config.num_processes}")
+    try:
+        jax.distributed.initialize(config.coordinator, config.num_processes, config.process_id,
+                                   initialization_timeout=max(1, round(
+                                       config.coordinator_timeout)))
+    except Exception as e:  # noqa: BLE001 (XlaRuntimeError, RuntimeError, ValueError, ...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"coordinator: process {config.process_id} of {config.num_processes} could not "
+            f"join the run at {config.coordinator} ({first[:300]}); give every process the "
+            "same --coordinator and --num-processes") from None
 
-        return tf.nest.map_structure(leaf, value)
+
+def wait_for_port(address, timeout, who):
+    """Return once HOST:PORT accepts a TCP connection; ValueError after ``timeout`` s."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=min(2.0, timeout)):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise ValueError(
+                    f"coordinator: {who} found nothing answering at {address} within "
+                    f"{timeout:g} s ({e.strerror or e}); start process 0 (it serves the "
+                    "coordinator) with the same --coordinator, or raise "
+                    "--coordinator-timeout") from None
+            time.sleep(0.5)
 
 
-def make_strategy(name):
-    """tf.distribute strategy by name: one device, the GPUs of one machine, or workers."""
-    if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    if name == "multiworker":  # the cluster comes from TF_CONFIG
-        return KerasMultiWorkerStrategy()
-    return tf.distribute.get_strategy()
+def make_strategy(config):
+    """The devices a run trains on: tf.distribute under TensorFlow, keras.distribution
+    under JAX."""
+    if keras.backend.backend() == "jax":
+        return JaxDevices(config)
+    from keras_resnet.tf_strategy import make_strategy as tf_strategy
+
+    return tf_strategy(config.strategy)
+
+
+def uses_xla(config):
+    """``--jit-compile``: auto = on with a GPU, and always under JAX (without jit, JAX
+    runs op by op: XLA is its only fast path); off on a CPU under TensorFlow."""
+    return config.jit_compile == "on" or (config.jit_compile == "auto" and (
+        keras.backend.backend() == "jax" or gpu_capability() is not None))
+
+
+def is_chief(strategy):
+    """Whether this process writes the run's files (process 0 of a multi-host run)."""
+    return getattr(strategy, "process_id", 0) == 0
 
 
 # --------------------------------------------------------------------- fine-tuning
@@ -525,8 +719,7 @@ def finetune_classifier(config, splits, source=None):
     """A classifier for ``splits`` with ``config.weights`` in its backbone, the
     weights' preprocessing inside, a fresh head, and the mode's layers frozen."""
     source, pre, stem = source or pretrained_source(config)
-    augmenter = (data_lib.build_augmenter(config.augment(), splits.image_size, config.seed)
-                 if config.augment_in_model else None)
+    augmenter = augmenter_for(config, splits)
     model = build_classifier(config.model, image_size=splits.image_size,
                              num_classes=splits.num_classes, mean=pre["mean"],
                              std=pre["std"], augmenter=augmenter, stem=stem)
@@ -674,13 +867,16 @@ def train(config, *, score_test=True):
     """Train, keep the best checkpoint, score the test set once; returns the report.
 
     ``score_test=False`` (a search trial) leaves the test split unread; the report
-    then holds ``best_val_accuracy``. The global dtype policy is set for the run
-    and restored afterwards.
+    then holds ``best_val_accuracy``. The global dtype policy (and, under JAX,
+    the distribution) is set for the run and restored afterwards. In a
+    multi-host run only process 0 writes the run's files and scores the test
+    set; the others return ``{"process_id": I}``.
     """
     config.validate()
     check_output_dir(config.output_dir)
-    # First TF call: multi-worker collectives must be configured at start-up.
-    strategy = make_strategy(config.strategy)
+    # First backend call: multi-worker collectives (TF) and jax.distributed must be
+    # set up before anything else runs.
+    strategy = make_strategy(config)
     keras.utils.set_random_seed(config.seed)
     # Weights and data are checked before the run directory is touched: bad input
     # leaves nothing behind.
@@ -692,12 +888,20 @@ def train(config, *, score_test=True):
     else:
         splits = load_data(config, strategy, with_test=score_test)
     steps_for(config, strategy, splits)  # a batch larger than the data is refused here
-    with locking.hold(config.output_dir):  # one writer per run directory
-        resuming = prepare_run_dir(config)
+    chief = is_chief(strategy)
+    with locking.hold(config.output_dir) if chief else contextlib.nullcontext():
+        # Process 0 owns the run directory; the others only read its backup.
+        resuming = (prepare_run_dir(config) if chief else
+                    os.path.exists(os.path.join(config.output_dir, "backup")))
         policy = keras.config.dtype_policy()
         try:
             keras.config.set_dtype_policy(resolve_precision(config.precision))
-            return _train(config, strategy, resuming, splits, source)
+            with strategy.scope() if isinstance(strategy, JaxDevices) else \
+                    contextlib.nullcontext():
+                model, fitted = _fit(config, strategy, resuming, splits, source)
+            if not chief:
+                return {"process_id": strategy.process_id}
+            return _report(config, strategy, splits, model, fitted)
         finally:
             keras.config.set_dtype_policy(policy)
 
@@ -713,26 +917,25 @@ def steps_for(config, strategy, splits):
     return steps
 
 
-def _train(config, strategy, resuming, splits, source):
-    out = config.output_dir
-    keras.utils.set_random_seed(config.seed)
-    jit = config.jit_compile == "on" or (
-        config.jit_compile == "auto" and bool(tf.config.list_physical_devices("GPU")))
-    if splits.report:
-        print(f"data: {json.dumps(splits.report)}")
-    with open(os.path.join(out, "labels.txt"), "w") as f:
-        f.writelines(f"{name}\n" for name in splits.class_names)
-    # How evaluation resized and cropped: predict.py and export do the same.
-    write_json(os.path.join(out, "preprocessing.json"), {"crop_ratio": eval_crop_ratio(config)})
-    global_batch = config.batch_size * strategy.num_replicas_in_sync
-    shard = folder_shard(config, strategy)
-    steps_per_epoch = steps_for(config, strategy, splits)
-    lr = config.lr * global_batch / LR_REFERENCE_BATCH
+def make_feeds(config, strategy, splits, global_batch):
+    """(training data, validation data) for ``fit``: tf.data datasets, or ``BatchFeed``s
+    of the arrays in memory (each process feeds its share of the global batch)."""
+    if pipeline_of(config) == "memory":
+        batch = global_batch // getattr(strategy, "num_processes", 1)
+        train = arrays.BatchFeed(*splits.train, batch, splits.num_classes, shuffle=True,
+                                 seed=config.seed)
+        val = (arrays.BatchFeed(*splits.validation, batch, splits.num_classes)
+               if splits.validation is not None else None)
+        return train, val
+    import tensorflow as tf
+
+    from keras_resnet import data as data_lib
+
     train_ds = data_lib.make_train_dataset(
         splits.train, global_batch, splits.num_classes, augment=config.augment(),
         seed=config.seed, image_size=splits.image_size,
         shuffle_buffer=0 if splits.pre_shuffled else 50_000)
-    if shard:
+    if folder_shard(config, strategy):
         # Each worker already reads its own files: no second sharding by tf.distribute.
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = (
@@ -740,6 +943,79 @@ def _train(config, strategy, resuming, splits, source):
         train_ds = train_ds.with_options(options)
     val_ds = (data_lib.make_eval_dataset(splits.validation, global_batch, splits.num_classes)
               if splits.validation is not None else None)
+    # repeat + steps_per_epoch: a folder pipeline drops files that do not decode, so its
+    # length is not known up front (and an epoch stays the same number of steps).
+    return train_ds.repeat(), val_ds
+
+
+class RestoreOnly(keras.callbacks.BackupAndRestore):
+    """Processes other than 0 of a multi-host run: restore the backup process 0
+    writes (the run directory is on a file system every host sees), never write."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        pass
+
+    def on_train_batch_end(self, batch, logs=None):
+        pass
+
+
+class OffMesh(keras.callbacks.Callback):
+    """Runs a callback's hooks with no ``keras.distribution`` set (multi-host runs).
+
+    Why: Keras's weight saver and loader build a throwaway optimiser, whose
+    variables, under a multi-process distribution, are laid out over every
+    process's devices, and JAX then waits for the other processes to create the
+    same; process 0 saving alone would fail or hang. Outside the distribution
+    they are local; the model's own variables keep their layout.
+    """
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def set_model(self, model):
+        super().set_model(model)
+        self.inner.set_model(model)
+
+    def set_params(self, params):
+        super().set_params(params)
+        self.inner.set_params(params)
+
+
+def _off_mesh(hook):
+    def forward(self, *args, **kwargs):
+        previous = keras.distribution.distribution()
+        keras.distribution.set_distribution(None)
+        try:
+            return getattr(self.inner, hook)(*args, **kwargs)
+        finally:
+            keras.distribution.set_distribution(previous)
+    return forward
+
+
+for _hook in ("on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end",
+              "on_train_batch_begin", "on_train_batch_end"):
+    setattr(OffMesh, _hook, _off_mesh(_hook))
+
+
+def _fit(config, strategy, resuming, splits, source):
+    """Build, compile and fit; returns (model, facts for the report)."""
+    out = config.output_dir
+    chief = is_chief(strategy)
+    keras.utils.set_random_seed(config.seed)
+    jit = uses_xla(config)
+    if splits.report and chief:
+        print(f"data: {json.dumps(splits.report)}")
+    if chief:
+        with open(os.path.join(out, "labels.txt"), "w") as f:
+            f.writelines(f"{name}\n" for name in splits.class_names)
+        # How evaluation resized and cropped: predict.py and export do the same.
+        write_json(os.path.join(out, "preprocessing.json"),
+                   {"crop_ratio": eval_crop_ratio(config)})
+    global_batch = config.batch_size * strategy.num_replicas_in_sync
+    steps_per_epoch = steps_for(config, strategy, splits)
+    lr = config.lr * global_batch / LR_REFERENCE_BATCH
+    train_data, val_data = make_feeds(config, strategy, splits, global_batch)
 
     with strategy.scope():
         if source is None:
@@ -758,7 +1034,7 @@ def _train(config, strategy, resuming, splits, source):
                      keras.metrics.TopKCategoricalAccuracy(5, name="top5")],
             jit_compile=jit, steps_per_execution=config.steps_per_execution)
 
-    monitor = "val_accuracy" if val_ds is not None else "accuracy"
+    monitor = "val_accuracy" if val_data is not None else "accuracy"
     nan = {}
 
     def note_nan(batch, logs):
@@ -767,54 +1043,75 @@ def _train(config, strategy, resuming, splits, source):
 
     backup = os.path.join(out, "backup")
     history_csv = os.path.join(out, "history.csv")
-    if resuming:
+    if resuming and chief:
         recover_backup(backup)
         _trim_history(history_csv, _backup_epoch(backup))
-    elif os.path.exists(history_csv):  # a run that died before its first epoch ended
+    elif chief and os.path.exists(history_csv):  # a run that died before its first epoch
         os.remove(history_csv)
     callbacks = [
-        # Before the backup, so history.csv always holds every backed-up epoch
-        # (a row the backup lacks is trimmed on resume).
-        keras.callbacks.CSVLogger(history_csv, append=True),
-        # Saves weights, optimiser state and epoch each epoch; a re-run restores
-        # them. double_checkpoint keeps the previous one should a kill hit a save.
-        keras.callbacks.BackupAndRestore(backup, delete_checkpoint=False,
-                                         double_checkpoint=True),
-        keras.callbacks.ModelCheckpoint(os.path.join(out, "best.keras"), monitor=monitor,
-                                        mode="max", save_best_only=True),
-        keras.callbacks.ModelCheckpoint(os.path.join(out, "last.keras")),
-        keras.callbacks.TensorBoard(os.path.join(out, "logs"), write_graph=False),
         keras.callbacks.TerminateOnNaN(),
         # Remembers the epoch of a NaN loss (TerminateOnNaN then stops), for the report.
         keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: nan.update(
             current=epoch), on_train_batch_end=note_nan),
     ]
+    if chief:
+        callbacks = [
+            # Before the backup, so history.csv always holds every backed-up epoch
+            # (a row the backup lacks is trimmed on resume).
+            keras.callbacks.CSVLogger(history_csv, append=True),
+            # Saves weights, optimiser state and epoch each epoch; a re-run restores
+            # them. double_checkpoint keeps the previous one should a kill hit a save.
+            keras.callbacks.BackupAndRestore(backup, delete_checkpoint=False,
+                                             double_checkpoint=True),
+            keras.callbacks.ModelCheckpoint(os.path.join(out, "best.keras"), monitor=monitor,
+                                            mode="max", save_best_only=True),
+            keras.callbacks.ModelCheckpoint(os.path.join(out, "last.keras")),
+            *callbacks]
+        if tensorflow_available():  # Keras's TensorBoard writes through tf.summary
+            callbacks.append(keras.callbacks.TensorBoard(os.path.join(out, "logs"),
+                                                         write_graph=False))
+    else:
+        callbacks.insert(0, RestoreOnly(backup, delete_checkpoint=False))
+    if getattr(strategy, "num_processes", 1) > 1:
+        callbacks = [OffMesh(c) if isinstance(c, (keras.callbacks.BackupAndRestore,
+                                                  keras.callbacks.ModelCheckpoint)) else c
+                     for c in callbacks]
     if splits.counts:  # count decoded images over this session's first epoch only
         callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: [
             c.active.assign(False) for c in splits.counts.values() if c is not
             splits.counts.get("test")]))
-    if config.early_stopping:
+    if config.early_stopping:  # validation metrics are global: every process stops alike
         callbacks.append(keras.callbacks.EarlyStopping(monitor, mode="max",
                                                        patience=config.early_stopping))
-    print(f"training {model.name} on {splits.num_train} images, {splits.num_validation} "
-          f"for validation; {strategy.num_replicas_in_sync} replica(s), global batch "
-          f"{global_batch}, peak lr {lr:g}, {keras.mixed_precision.global_policy().name}"
-          f", XLA {'on' if jit else 'off'}")
+    if chief:
+        print(f"training {model.name} on {splits.num_train} images, {splits.num_validation} "
+              f"for validation; {keras.backend.backend()}, {pipeline_of(config)} pipeline, "
+              f"{strategy.num_replicas_in_sync} replica(s), global batch {global_batch}, "
+              f"peak lr {lr:g}, {keras.mixed_precision.global_policy().name}"
+              f", XLA {'on' if jit else 'off'}")
     start = time.time()
-    # repeat + steps_per_epoch: a folder pipeline drops files that do not decode, so its
-    # length is not known up front (and an epoch stays the same number of steps).
-    with data_lib.unknown_length_ok():
-        model.fit(train_ds.repeat(), steps_per_epoch=steps_per_epoch, epochs=config.epochs,
-                  validation_data=val_ds, callbacks=callbacks, verbose=config.verbose,
-                  shuffle=False)  # tf.data already shuffles
-    train_seconds = time.time() - start
+    with unknown_length_ok():
+        model.fit(train_data, steps_per_epoch=steps_per_epoch, epochs=config.epochs,
+                  validation_data=val_data, callbacks=callbacks,
+                  verbose=config.verbose if chief else 0, shuffle=False)  # shuffled already
+    return model, {"train_seconds": time.time() - start, "nan": nan,
+                   "global_batch": global_batch}
+
+
+def _report(config, strategy, splits, model, fitted):
+    """history.csv -> curves; the test set scored once with the best checkpoint."""
+    out, nan = config.output_dir, fitted["nan"]
     if "epoch" in nan and not os.path.exists(os.path.join(out, "best.keras")):
         raise ValueError(f"training stopped: the loss became NaN in epoch {nan['epoch']} before "
                          "any checkpoint was saved; lower --lr (or set --clipnorm)")
-    history = read_history(history_csv)
+    history = read_history(os.path.join(out, "history.csv"))
     evaluation.plot_history(history, os.path.join(out, "curves.png"))
 
-    report = {"train_seconds_this_session": round(train_seconds, 1),
+    report = {"backend": keras.backend.backend(),
+              "replicas": strategy.num_replicas_in_sync,
+              "processes": getattr(strategy, "num_processes", 1),
+              "pipeline": pipeline_of(config),
+              "train_seconds_this_session": round(fitted["train_seconds"], 1),
               "epochs": len(history.get("epoch", []))}
     scores = [v for v in history.get("val_accuracy", []) if np.isfinite(v)]
     if scores:
@@ -832,9 +1129,16 @@ def _train(config, strategy, resuming, splits, source):
             print(f"note: scoring {report['scored']}")
         best = (keras.saving.load_model(os.path.join(out, scored), compile=False) if scored
                 else model)
-        test_ds = data_lib.make_eval_dataset(splits.test, global_batch, splits.num_classes)
-        report.update(evaluation.evaluate(best, test_ds, splits.class_names,
-                                          tta_flip=config.tta_flip))
+        if pipeline_of(config) == "memory":
+            test_data = splits.test
+        else:
+            from keras_resnet import data as data_lib
+
+            test_data = data_lib.make_eval_dataset(splits.test, fitted["global_batch"],
+                                                   splits.num_classes)
+        report.update(evaluation.evaluate(best, test_data, splits.class_names,
+                                          tta_flip=config.tta_flip,
+                                          batch_size=fitted["global_batch"]))
     if splits.counts:
         skipped = {k: c.dropped() for k, c in splits.counts.items() if k != "test"}
         if "num_images" in report:

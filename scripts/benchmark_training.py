@@ -1,59 +1,261 @@
-"""Training speed of ResNet18 (CIFAR stem) under precision / XLA settings, side by side.
+"""Training speed of ResNet18 (CIFAR stem), side by side.
 
-Measures images/s of training steps on in-memory batches for each setting,
-alternating the settings round by round (A B C A B C ...) and quoting medians,
-so a drift of this shared machine hits all of them. This is what the
-``--precision auto`` / ``--jit-compile auto`` defaults of the training script
-are based on. The last output line is one JSON object.
+Two modes; the last output line is one JSON object, with the machine.
+
+``--backend tensorflow|jax``: the project's model and recipe under that Keras
+backend beside the same network and recipe in PyTorch (keras_resnet.torch_training:
+channels_last, foreach / fused SGD, bf16 autocast and torch.compile on a GPU).
+Each side runs in its own worker process; rounds alternate (K T K T ...) and
+medians are quoted, so a drift of this shared machine hits both. The first
+call's time includes tracing / compilation. With ``--epochs N --data-dir D``
+both then train N epochs on D's training images (pad-crop + flip on the
+device) and score D's test split: seconds per epoch and test top-1.
+
+    python scripts/benchmark_training.py --backend tensorflow --rounds 5
+    python scripts/benchmark_training.py --backend jax --batch-size 512 --steps 200 \\
+        --epochs 10 --data-dir ../shared/data/cifar10-jpeg
+
+``--settings``: the TensorFlow backend under precision / XLA settings (what
+``--precision auto`` / ``--jit-compile auto`` are based on):
 
     python scripts/benchmark_training.py --settings float32,float32+xla,bfloat16
 """
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
-import keras
 import numpy as np
-import tensorflow as tf
 
-from keras_resnet import training
-from keras_resnet.model import build_classifier
+CIFAR_MEAN, CIFAR_STD = (125.31, 122.95, 113.87), (62.99, 62.09, 66.70)
 
 
-def build(setting, batch_size, steps):
-    precision, _, xla = setting.partition("+")
-    keras.mixed_precision.set_global_policy(training.resolve_precision(precision))
-    keras.utils.set_random_seed(0)
-    model = build_classifier("resnet18", image_size=(32, 32), num_classes=10,
-                             mean=(125, 123, 114), std=(63, 62, 67), stem="cifar")
-    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
-                  loss=keras.losses.CategoricalCrossentropy(from_logits=True),
-                  jit_compile=xla == "xla")
+# ------------------------------------------------------------------- worker processes
+
+
+def load_arrays(args):
+    """(train images, labels, test images, labels, class count): a folder's, or random."""
+    if args["data_dir"]:
+        from keras_resnet import arrays
+
+        splits = arrays.load_memory_splits(data_dir=args["data_dir"], validation_size=0,
+                                           max_train_images=args["max_train_images"],
+                                           max_eval_images=args["max_eval_images"],
+                                           stats=False)
+        test = splits.test or (splits.train[0][:0], splits.train[1][:0])
+        return (*splits.train, *test, splits.num_classes)
     rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (batch_size * steps, 32, 32, 3)).astype("float32")
-    y = np.eye(10, dtype="float32")[rng.integers(0, 10, batch_size * steps)]
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size).cache().repeat()
-    model.fit(ds, steps_per_epoch=3, epochs=1, verbose=0)  # trace / compile
-    keras.mixed_precision.set_global_policy("float32")
-    return model, ds
+    n = args["batch_size"] * 4
+    return (rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+            rng.integers(0, 10, n).astype(np.int32), None, None, 10)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--settings", default="float32,float32+xla,bfloat16",
-                        help="comma-separated: float32 | bfloat16 | float16, optional +xla")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+def keras_worker(args):
+    """The project's model and recipe (training.py's pieces) on this Keras backend."""
+    import keras
+
+    from keras_resnet import arrays, evaluation, training
+
+    precision = args["precision"]
+    if precision == "match":  # what the PyTorch side runs: bf16 autocast on a GPU only
+        precision = "bfloat16" if training.gpu_capability() is not None else "float32"
+    config = training.TrainConfig(batch_size=args["batch_size"], precision=precision,
+                                  epochs=max(args["epochs"], 1), warmup_epochs=0.0)
+    keras.config.set_dtype_policy(training.resolve_precision(config.precision))
+    x, y, tx, ty, classes = load_arrays(args)
+    state = {}
+
+    def build(total_steps):
+        keras.utils.set_random_seed(0)
+        model = training.build_classifier(
+            "resnet18", image_size=(32, 32), num_classes=classes, mean=CIFAR_MEAN,
+            std=CIFAR_STD, stem="cifar", augmenter=training.build_augmenter(
+                config.augment(), (32, 32), 0), zero_init_residual=True)
+        per_epoch = max(total_steps // config.epochs, 1)
+        lr = config.lr * config.batch_size / training.LR_REFERENCE_BATCH
+        model.compile(optimizer=training.make_optimizer(
+            config, training.make_schedule(config, per_epoch, lr), model),
+            loss=keras.losses.CategoricalCrossentropy(from_logits=True,
+                                                      label_smoothing=config.label_smoothing),
+            metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+            jit_compile=training.uses_xla(config))
+        state["model"] = model
+        state["feed"] = arrays.BatchFeed(x, y, config.batch_size, classes, shuffle=True)
+        return {"xla": bool(model.jit_compile), "policy": keras.config.dtype_policy().name,
+                "keras": keras.__version__}
+
+    def steps(n):
+        start = time.perf_counter()
+        state["model"].fit(state["feed"], steps_per_epoch=n, epochs=1, verbose=0)
+        return time.perf_counter() - start
+
+    def score():
+        report = evaluation.evaluate(state["model"], (tx, ty),
+                                              [str(i) for i in range(classes)],
+                                              batch_size=500)
+        return report["top1"]
+
+    return build, steps, score, len(x) // config.batch_size
+
+
+def torch_worker(args):
+    """The same network and recipe in PyTorch."""
+    import torch
+
+    from keras_resnet.torch_training import TorchRecipe
+
+    gpu = torch.cuda.is_available()
+    x, y, tx, ty, classes = load_arrays(args)
+    state, rng = {}, np.random.default_rng(0)
+    per_epoch = len(x) // args["batch_size"]
+
+    def build(total_steps):
+        compiled = args["torch_compile"] == "on" or (args["torch_compile"] == "auto" and gpu)
+        state["recipe"] = TorchRecipe(
+            num_classes=classes, mean=CIFAR_MEAN, std=CIFAR_STD,
+            batch_size=args["batch_size"], total_steps=total_steps,
+            device="cuda" if gpu else "cpu", bf16=gpu, compile_model=compiled)
+        return {"torch_compile": compiled, "bf16": gpu, "threads": torch.get_num_threads(),
+                "torch": torch.__version__}
+
+    def steps(n):
+        order = np.concatenate([rng.permutation(len(x)) for _ in range(
+            n * args["batch_size"] // len(x) + 1)])
+        batches = [order[i * args["batch_size"]:(i + 1) * args["batch_size"]]
+                   for i in range(n)]
+        return state["recipe"].train_batches(x, y, batches)
+
+    def score():
+        return round(state["recipe"].accuracy(tx, ty), 4)
+
+    return build, steps, score, per_epoch
+
+
+def serve(side, args):
+    """Answer the controller's commands (one JSON per line) until it says quit."""
+    build, steps, score, per_epoch = (keras_worker if side == "keras" else torch_worker)(args)
+    print("READY " + json.dumps({"steps_per_epoch": per_epoch}), flush=True)
+    for line in sys.stdin:
+        command = json.loads(line)
+        if command["op"] == "quit":
+            return
+        if command["op"] == "build":
+            result = build(command["total_steps"])
+        elif command["op"] == "steps":
+            result = {"seconds": steps(command["n"])}
+        else:  # score
+            result = {"top1": score()}
+        print("RESULT " + json.dumps(result), flush=True)
+
+
+class Worker:
+    """One side in its own process (its own backend, thread pools and memory)."""
+
+    def __init__(self, side, args, backend):
+        env = {**os.environ, "KERAS_BACKEND": backend if side == "keras" else "torch",
+               "TF_CPP_MIN_LOG_LEVEL": "3"}
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--worker", side, "--worker-args",
+             json.dumps(args)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env=env)
+        self.info = self._read("READY ")
+
+    def _read(self, prefix):
+        for line in self.proc.stdout:
+            if line.startswith(prefix):
+                return json.loads(line[len(prefix):])
+        raise RuntimeError(f"worker exited with {self.proc.wait()} (its stderr is above)")
+
+    def ask(self, **command):
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+        return self._read("RESULT ")
+
+    def close(self):
+        self.proc.stdin.write('{"op": "quit"}\n')
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def side_by_side(args):
+    worker_args = {"batch_size": args.batch_size, "precision": args.precision,
+                   "data_dir": args.data_dir, "max_train_images": args.max_train_images,
+                   "max_eval_images": args.max_eval_images,
+                   "epochs": args.epochs, "torch_compile": args.torch_compile}
+    sides = {"keras": Worker("keras", worker_args, args.backend),
+             "torch": Worker("torch", worker_args, args.backend)}
+    result = {"backend": args.backend, "batch_size": args.batch_size, "steps": args.steps,
+              "rounds": args.rounds, "sides": {}}
+    total = args.warmup + args.rounds * args.steps
+    runs = {name: [] for name in sides}
+    for name, w in sides.items():
+        info = w.ask(op="build", total_steps=total)
+        first = w.ask(op="steps", n=args.warmup)["seconds"]
+        result["sides"][name] = {**info, "first_steps_seconds": round(first, 2),
+                                 "first_steps": args.warmup}
+    for _ in range(args.rounds):
+        for name, w in sides.items():
+            runs[name].append(args.steps * args.batch_size / w.ask(op="steps",
+                                                                   n=args.steps)["seconds"])
+    for name in sides:
+        result["sides"][name].update(img_s_median=round(statistics.median(runs[name]), 1),
+                                     img_s_runs=[round(v, 1) for v in runs[name]])
+    if args.epochs:
+        for name, w in sides.items():
+            per_epoch = w.info["steps_per_epoch"]
+            w.ask(op="build", total_steps=args.epochs * per_epoch)
+            seconds = [w.ask(op="steps", n=per_epoch)["seconds"] for _ in range(args.epochs)]
+            result["sides"][name].update(
+                epoch_seconds=[round(s, 2) for s in seconds],
+                train_seconds=round(sum(seconds), 1), test_top1=w.ask(op="score")["top1"])
+    for w in sides.values():
+        w.close()
+    k, t = (result["sides"][n]["img_s_median"] for n in ("keras", "torch"))
+    result["keras_over_torch"] = round(k / t, 3)
+    print(f"keras ({args.backend}) median {k:8.1f} img/s   pytorch median {t:8.1f} img/s   "
+          f"ratio {k / t:.2f}x")
+    return result
+
+
+# ------------------------------------------------------------------- settings mode
+
+
+def settings_mode(args):
+    import keras
+    import tensorflow as tf
+
+    from keras_resnet import training
+    from keras_resnet.model import build_classifier
+
     settings = args.settings.split(",")
     for s in settings:
         precision, _, xla = s.partition("+")
         if precision not in training.PRECISIONS or xla not in ("", "xla"):
-            parser.error(f"--settings: bad entry {s!r}")
-    built = {s: build(s, args.batch_size, args.steps) for s in settings}
+            raise SystemExit(f"error: --settings: bad entry {s!r}")
+
+    def build(setting):
+        precision, _, xla = setting.partition("+")
+        keras.mixed_precision.set_global_policy(training.resolve_precision(precision))
+        keras.utils.set_random_seed(0)
+        model = build_classifier("resnet18", image_size=(32, 32), num_classes=10,
+                                 mean=CIFAR_MEAN, std=CIFAR_STD, stem="cifar")
+        model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+                      loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+                      jit_compile=xla == "xla")
+        rng = np.random.default_rng(0)
+        n = args.batch_size * args.steps
+        x = rng.integers(0, 256, (n, 32, 32, 3)).astype("float32")
+        y = np.eye(10, dtype="float32")[rng.integers(0, 10, n)]
+        ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(args.batch_size).cache().repeat()
+        model.fit(ds, steps_per_epoch=3, epochs=1, verbose=0)  # trace / compile
+        keras.mixed_precision.set_global_policy("float32")
+        return model, ds
+
+    built = {s: build(s) for s in settings}
     runs = {s: [] for s in settings}
     for _ in range(args.rounds):
         for s, (model, ds) in built.items():
@@ -64,11 +266,50 @@ def main():
     for s in settings:
         median = statistics.median(runs[s])
         print(f"{s:16} median {median:7.1f} img/s  ({median / base:.2f}x {settings[0]})")
-    print(json.dumps({"device": "GPU" if tf.config.list_physical_devices("GPU") else "CPU",
-                      "batch_size": args.batch_size, "steps": args.steps,
-                      "img_s_median": {s: round(statistics.median(v), 1)
-                                       for s, v in runs.items()},
-                      "img_s_runs": {s: [round(x, 1) for x in v] for s, v in runs.items()}}))
+    return {"device": "GPU" if tf.config.list_physical_devices("GPU") else "CPU",
+            "batch_size": args.batch_size, "steps": args.steps,
+            "img_s_median": {s: round(statistics.median(v), 1) for s, v in runs.items()},
+            "img_s_runs": {s: [round(x, 1) for x in v] for s, v in runs.items()}}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=["tensorflow", "jax"],
+                        help="side by side with PyTorch under this Keras backend")
+    parser.add_argument("--settings", default="float32,float32+xla,bfloat16",
+                        help="without --backend: comma-separated float32 | bfloat16 | "
+                        "float16, optional +xla (TensorFlow backend)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=20, help="training steps per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="--backend: steps of the first (tracing / compiling) call")
+    parser.add_argument("--precision", default="match",
+                        help="--backend: the Keras side's (a --precision of the training "
+                        "script); match = PyTorch's: bfloat16 on a GPU, else float32")
+    parser.add_argument("--torch-compile", default="auto", choices=["auto", "on", "off"],
+                        help="auto = on with a GPU")
+    parser.add_argument("--epochs", type=int, default=0,
+                        help="--backend: then train this many epochs on --data-dir and score")
+    parser.add_argument("--data-dir", help="image folder root/{train,test}/<class>/*")
+    parser.add_argument("--max-train-images", type=int)
+    parser.add_argument("--max-eval-images", type=int)
+    parser.add_argument("--worker", choices=["keras", "torch"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker-args", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return serve(args.worker, json.loads(args.worker_args))
+    for name in ("batch_size", "steps", "rounds", "warmup"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}: must be >= 1")
+    if args.epochs and not args.data_dir:
+        parser.error("--epochs: needs --data-dir (the images to train and score on)")
+    if args.data_dir and not os.path.isdir(os.path.join(args.data_dir, "train")):
+        parser.error(f"--data-dir: {args.data_dir!r} has no train/ folder")
+    from keras_resnet.benchmark import machine
+
+    result = side_by_side(args) if args.backend else settings_mode(args)
+    print(json.dumps({**result, "machine": machine()}))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.dirname(__file__))  # tests import helpers / torch_reference
+sys.path.insert(0, os.path.dirname(__file__))  # tests import helpers
 
 import keras
 import pytest

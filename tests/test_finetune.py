@@ -126,9 +126,9 @@ def test_finetune_imagenet_style_from_a_torch_checkpoint(new_task, tmp_path):
     """A .safetensors checkpoint (torchvision names): ImageNet preprocessing inside."""
     torch = pytest.importorskip("torch")
     from safetensors.torch import save_file
-    from torch_reference import build_reference
 
     from keras_resnet import MODELS
+    from keras_resnet.torch_reference import build_reference
     from keras_resnet.weights import PREPROCESSING
 
     torch.manual_seed(0)

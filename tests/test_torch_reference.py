@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")  # the dev extra installs it; only this mod
 
 
 def reference_logits(options, stem, size, seed):
-    from torch_reference import build_reference, randomize_bn_statistics
+    from keras_resnet.torch_reference import build_reference, randomize_bn_statistics
 
     torch.manual_seed(seed)
     ref = randomize_bn_statistics(build_reference(options, 10, stem), seed).eval()

@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")  # the dev extra installs it; the reference
 
 
 def reference(name, classes=1000, seed=0):
-    from torch_reference import build_reference, randomize_bn_statistics
+    from keras_resnet.torch_reference import build_reference, randomize_bn_statistics
 
     torch.manual_seed(seed)
     options = kr.MODELS[name]

@@ -1,8 +1,10 @@
 """The reference ResNets in PyTorch, written after torchvision's and timm's code.
 
 Neither torchvision nor timm is installable on these machines (only torch is),
-so the tests carry the references' structure: the same module names, kernel
-sizes, paddings, strides (v1.5), BatchNorm defaults and shortcut layouts.
+so this module carries the references' structure: the same module names, kernel
+sizes, paddings, strides (v1.5), BatchNorm defaults and shortcut layouts. The
+equivalence tests and ``scripts/benchmark_training.py`` use it; torch is a dev
+dependency only, so nothing else in the package imports this module.
 
 - ``ResNet``: torchvision ``resnet.py`` (ResNet, ResNeXt, Wide ResNet), with
   timm's deep stem and ResNet-D average-pool shortcut (``resnet18d``).

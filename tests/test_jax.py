@@ -1,0 +1,295 @@
+"""Keras's JAX backend: training, prediction and distribution with TensorFlow not
+importable, as on the GPU machines (JAX and PyTorch, no TensorFlow).
+
+The subprocess tests run a fresh Python with ``KERAS_BACKEND=jax`` and a
+``sitecustomize`` that makes ``import tensorflow`` fail; the in-process tests
+check the flags and the memory pipeline on the TensorFlow backend the suite runs on.
+"""
+
+import json
+import os
+import socket
+
+import keras
+import numpy as np
+import pytest
+from helpers import ROOT, run_main, run_python, write_folder
+
+from keras_resnet import arrays, cli, evaluation, training
+from keras_resnet import data as D
+from keras_resnet.augment import RandomPadCrop, build_augmenter
+
+pytest.importorskip("jax")
+
+BLOCK_TENSORFLOW = '''
+import sys
+
+
+class NoTensorFlow:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tensorflow", "tensorflow_datasets"):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
+
+
+sys.meta_path.insert(0, NoTensorFlow())
+'''
+
+TINY = ("--preset", "smoke", "--validation-size", "6", "--max-eval-images", "8",
+        "--batch-size", "4", "--epochs", "1")
+
+
+@pytest.fixture
+def jax_env(tmp_path):
+    block = tmp_path / "no_tensorflow"
+    block.mkdir()
+    (block / "sitecustomize.py").write_text(BLOCK_TENSORFLOW)
+    return {"KERAS_BACKEND": "jax", "PYTHONPATH": f"{block}{os.pathsep}{ROOT}",
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return write_folder(tmp_path / "images", per_class=10, size=16)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_train_data_parallel_and_predict_without_tensorflow(jax_env, folder, tmp_path):
+    """One device and DataParallel over two (virtual) devices train alike at the same
+    global batch; predict.py runs; nothing imports TensorFlow; the TensorFlow backend
+    exports the JAX-trained model and verifies it."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    code = (
+        "import json, sys\n"
+        "from helpers import run_main\n"
+        "from keras_resnet import cli\n"
+        f"args = {[str(a) for a in ('--data-dir', folder, *TINY)]}\n"
+        f"a = run_main(cli.train_main, *args, '--output-dir', {str(one)!r})\n"
+        f"b = run_main(cli.train_main, *args, '--output-dir', {str(two)!r}, "
+        "'--strategy', 'data-parallel', '--batch-size', '2')\n"
+        f"c = run_main(cli.predict_main, {str(one)!r}, {str(folder / 'test' / 'cat')!r}, "
+        "'--json')\n"
+        "import jax\n"
+        "print(json.dumps({'codes': [a.returncode, b.returncode, c.returncode], "
+        "'errors': [a.stderr[-800:], b.stderr[-800:], c.stderr[-800:]], "
+        "'predicted': c.stdout.count('top_k'), 'devices': jax.device_count(), "
+        "'tensorflow': 'tensorflow' in sys.modules}))\n")
+    env = {**jax_env, "PYTHONPATH": f"{jax_env['PYTHONPATH']}{os.pathsep}"
+                                    f"{os.path.join(ROOT, 'tests')}"}
+    result = run_python(code, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    facts = json.loads(result.stdout.strip().splitlines()[-1])
+    assert facts["codes"] == [0, 0, 0], facts["errors"]
+    assert facts["devices"] == 2 and not facts["tensorflow"]
+    assert facts["predicted"] == 10  # every image of test/cat
+    metrics = [json.loads((run / "test_metrics.json").read_text()) for run in (one, two)]
+    assert [(m["backend"], m["replicas"], m["pipeline"]) for m in metrics] == [
+        ("jax", 1, "memory"), ("jax", 2, "memory")]
+    losses = [training.read_history(str(run / "history.csv"))["loss"] for run in (one, two)]
+    # Same data, seed and global batch: the two runs differ only by float reduction order.
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
+    assert not (one / "logs").exists()  # TensorBoard writes through TensorFlow: skipped
+
+    export_dir = tmp_path / "export"
+    exported = run_main(cli.export_main, one, "--output-dir", export_dir, "--formats",
+                        "tflite_float32", "--data-dir", folder, "--check-images", "8")
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    report = json.loads((export_dir / "export_report.json").read_text())
+    assert report["artifacts"]["tflite_float32"]["passed"], report
+
+
+@pytest.mark.slow
+def test_two_processes_on_localhost_and_an_absent_coordinator(jax_env, folder, tmp_path):
+    """jax.distributed over 127.0.0.1 (gloo): both processes finish, only process 0
+    writes the run; a process whose coordinator never answers stops with a message."""
+    import subprocess
+    import sys
+
+    out, port = tmp_path / "run", _free_port()
+    env = {**os.environ, **jax_env, "XLA_FLAGS": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    procs = [subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "scripts", "train_cifar10.py"), "--data-dir",
+         str(folder), *TINY, "--batch-size", "2", "--output-dir", str(out), "--strategy",
+         "data-parallel", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+         "--process-id", str(i), "--coordinator-timeout", "120"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    outputs = [p.communicate(timeout=400) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outputs]
+    metrics = json.loads((out / "test_metrics.json").read_text())
+    assert (metrics["processes"], metrics["replicas"]) == (2, 2)
+    assert json.loads(outputs[1][0].strip().splitlines()[-1]) == {"process_id": 1}
+    assert "process_id\": 1" not in (out / "config.json").read_text()  # process 0's
+
+    lonely = run_python(
+        "from keras_resnet import cli; cli.train_main()", "--data-dir", str(folder), *TINY,
+        "--output-dir", str(tmp_path / "lonely"), "--strategy", "data-parallel",
+        "--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2",
+        "--process-id", "1", "--coordinator-timeout", "2", env=jax_env, timeout=120)
+    assert lonely.returncode == 2
+    assert "found nothing answering" in lonely.stderr and "--coordinator" in lonely.stderr
+
+
+@pytest.mark.parametrize("backend, flags, match", [
+    ("torch", [], "KERAS_BACKEND: got 'torch'"),
+    ("jax", ["--strategy", "mirrored"], "strategy: got 'mirrored'"),
+    ("tensorflow", ["--strategy", "data-parallel"], "strategy: got 'data-parallel'"),
+    ("tensorflow", ["--coordinator", "h:1", "--num-processes", "2"], "KERAS_BACKEND=jax"),
+    ("jax", ["--coordinator", "nohost", "--num-processes", "2", "--strategy",
+             "data-parallel"], "coordinator: got 'nohost'"),
+    ("jax", ["--coordinator", "h:1", "--strategy", "data-parallel"], "num_processes: got 1"),
+    ("jax", ["--coordinator", "h:1", "--num-processes", "2"], "needs --strategy data-par"),
+    ("jax", ["--num-processes", "2", "--process-id", "2"], "process_id: got 2"),
+    ("jax", ["--coordinator", "h:1", "--num-processes", "2", "--strategy", "data-parallel",
+             "--pipeline", "tfdata"], "use --pipeline memory"),
+    ("jax", ["--pipeline", "disk"], "pipeline: got 'disk'"),
+    ("jax", ["--mixup", "0.2"], "mixup: --mixup runs in the tf.data pipeline"),
+    ("tensorflow", ["--pipeline", "memory", "--rotation", "10"], "rotation: --rotation"),
+    ("jax", ["--crop", "resized"], "crop: the memory pipeline"),
+    ("jax", ["--coordinator-timeout", "0"], "coordinator_timeout: got 0"),
+])
+def test_bad_backend_flags_name_the_flag(monkeypatch, tmp_path, backend, flags, match):
+    """Refused before any work (nothing written), whichever backend the suite runs."""
+    monkeypatch.setattr(keras.backend, "backend", lambda: backend)
+    out = tmp_path / "run"
+    result = run_main(cli.train_main, "--data-dir", tmp_path, "--output-dir", out, *flags)
+    assert result.returncode == 2 and match in result.stderr, result.stderr
+    assert not out.exists()
+
+
+def test_pipeline_and_augmentation_follow_the_backend(monkeypatch):
+    config = training.TrainConfig()
+    assert training.pipeline_of(config) == "tfdata" and not training.augments_in_model(config)
+    assert training.augments_in_model(training.TrainConfig(pipeline="memory"))
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    assert training.pipeline_of(config) == "memory" and training.augments_in_model(config)
+    assert training.augments_in_model(training.TrainConfig(pipeline="tfdata"))
+    assert training.resolve_precision("auto") == "float32"  # JAX on a CPU
+
+
+def test_memory_pipeline_reads_the_pixels_tf_data_reads(folder):
+    """Same files, same order, same pixels: exactly for PNG; JPEG within a few levels
+    (PIL and TensorFlow run libjpeg with different IDCT / chroma upsampling)."""
+    from keras_resnet.sources import folder_files
+
+    kwargs = {"data_dir": str(folder), "validation_size": 6, "seed": 0}
+    mem = arrays.load_memory_splits(**kwargs)
+    tfd = D.load_splits(**kwargs, cache="memory")
+    assert (mem.num_train, mem.num_validation, mem.num_test) == (24, 6, 30)
+    assert mem.class_names == tfd.class_names and mem.image_size == tfd.image_size == (16, 16)
+    files = folder_files(str(folder), 6, None, None, None, 0)
+    for ours, theirs, paths in ((mem.train, tfd.train, files.train[0]),
+                                (mem.test, tfd.test, files.test[0])):
+        images = np.stack([x for x, _ in theirs.as_numpy_iterator()])
+        labels = np.array([y for _, y in theirs.as_numpy_iterator()])
+        png = np.array([p.endswith(".png") for p in paths])
+        assert 0 < png.sum() < len(png)
+        np.testing.assert_array_equal(ours[0][png], images[png])
+        diff = np.abs(ours[0][~png].astype(int) - images[~png])
+        assert diff.max() <= 8 and diff.mean() < 2.0  # random pixels: the worst case
+        np.testing.assert_array_equal(ours[1], labels)
+    np.testing.assert_allclose(mem.mean, tfd.mean, atol=1.0)  # JPEG: see above
+    np.testing.assert_allclose(mem.std, tfd.std, atol=1.0)
+    assert mem.train[0].dtype == np.uint8 and mem.report["train"]["cache"] == "memory"
+
+
+def test_memory_pipeline_refuses_what_does_not_fit_before_decoding(folder, monkeypatch):
+    monkeypatch.setattr(arrays, "decode_files", lambda *a: pytest.fail("decoded"))
+    with pytest.raises(D.DataError, match=r"60 decoded images of 16x16 = 0.00 GiB, more than "
+                                          r"the 0.00 GiB.*--pipeline tfdata"):
+        arrays.load_memory_splits(data_dir=str(folder), validation_size=6, budget=1000)
+
+
+def test_memory_pipeline_decodes_other_sizes_and_drops_broken_files(tmp_path):
+    from PIL import Image
+
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.full((20, 40, 3), 200, np.uint8)).save(wide)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not a jpeg")
+    images, labels, dropped = arrays.decode_files([str(wide), str(broken)], [1, 0], (16, 16))
+    assert images.shape == (1, 16, 16, 3) and labels.tolist() == [1] and dropped == 1
+    assert np.all(images == 200)
+
+
+def test_batch_feed_shuffles_each_epoch_and_one_hots():
+    images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1).repeat(3, axis=3)
+    labels = np.arange(10, dtype=np.int32) % 3
+    feed = arrays.BatchFeed(images, labels, 4, 3, shuffle=True, seed=1)
+    assert len(feed) == 2  # the partial batch is dropped
+    first = np.concatenate([feed[i][0][:, 0, 0, 0] for i in range(2)])
+    x, y = feed[0]
+    assert x.dtype == np.float32 and y.shape == (4, 3)
+    np.testing.assert_array_equal(np.argmax(y, 1), x[:, 0, 0, 0].astype(int) % 3)
+    feed.on_epoch_end()
+    second = np.concatenate([feed[i][0][:, 0, 0, 0] for i in range(2)])
+    assert len(set(first)) == 8 and not np.array_equal(first, second)
+    ordered = arrays.BatchFeed(images, None, 4, 3)
+    assert len(ordered) == 3 and ordered[2].shape == (2, 1, 1, 3)
+
+
+def test_pad_crop_moves_each_image_by_at_most_the_padding():
+    rng = np.random.default_rng(0)
+    images = rng.integers(1, 256, (32, 12, 12, 3)).astype("float32")  # no zero pixels
+    out = np.asarray(RandomPadCrop(3, seed=0)(images, training=True))
+    shifts = set()
+    for image, moved in zip(images, out, strict=True):
+        found = [(dy, dx) for dy in range(-3, 4) for dx in range(-3, 4)
+                 if np.array_equal(moved, _shift(image, dy, dx))]
+        assert found, "not a shift of at most 3 pixels"
+        shifts.add(found[0])
+    assert len(shifts) > 5  # each image draws its own offset
+    np.testing.assert_array_equal(RandomPadCrop(3)(images, training=False), images)
+
+
+def _shift(image, dy, dx):
+    h, w, _ = image.shape
+    padded = np.pad(image, ((3, 3), (3, 3), (0, 0)))
+    return padded[3 - dy:3 - dy + h, 3 - dx:3 - dx + w]
+
+
+def test_in_model_augmentation_keeps_xla_on(recwarn):
+    config = D.AugmentConfig(color_jitter=0.2, erasing=0.5, in_model=True)
+    augmenter = build_augmenter(config, (16, 16), seed=0)
+    model = keras.Sequential([keras.Input((16, 16, 3)), augmenter,
+                              keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(2)])
+    model.compile("sgd", "mse", jit_compile=True)
+    model.fit(np.ones((4, 16, 16, 3), "float32"), np.zeros((4, 2), "float32"), verbose=0)
+    assert model.jit_compile
+    assert not [w for w in recwarn if "jit_compile=True" in str(w.message)]
+
+
+def test_evaluate_takes_arrays():
+    model = keras.Sequential([keras.Input((2, 2, 3)), keras.layers.Flatten(),
+                              keras.layers.Dense(3)])
+    images = np.random.default_rng(0).integers(0, 256, (7, 2, 2, 3)).astype(np.uint8)
+    labels = np.array([0, 1, 2, 0, 1, 2, 0])
+    report = evaluation.evaluate(model, (images, labels), ["a", "b", "c"], tta_flip=True,
+                                 batch_size=3)
+    assert report["num_images"] == 7 and np.sum(report["confusion_matrix"]) == 7
+    pred = np.argmax(evaluation._softmax(model.predict(images.astype("float32"), verbose=0))
+                     + evaluation._softmax(model.predict(images[:, :, ::-1].astype("float32"),
+                                                         verbose=0)), 1)
+    assert report["top1"] == round(float(np.mean(pred == labels)), 4)
+
+
+@pytest.mark.slow
+def test_benchmark_trains_beside_pytorch():
+    from helpers import run_script
+
+    result = run_script("benchmark_training.py", "--backend", "jax", "--batch-size", "8",
+                        "--steps", "1", "--rounds", "2", "--warmup", "1", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    keras_side, torch_side = report["sides"]["keras"], report["sides"]["torch"]
+    assert keras_side["xla"] and keras_side["policy"] == "float32"
+    assert len(keras_side["img_s_runs"]) == len(torch_side["img_s_runs"]) == 2
+    assert report["keras_over_torch"] == pytest.approx(
+        keras_side["img_s_median"] / torch_side["img_s_median"], rel=0.01)
+    assert report["backend"] == "jax" and "cores" in report["machine"]
+    refused = run_script("benchmark_training.py", "--backend", "jax", "--epochs", "1")
+    assert refused.returncode == 2 and "--epochs: needs --data-dir" in refused.stderr
