@@ -41,3 +41,39 @@ def machine(cpuinfo="/proc/cpuinfo"):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     have = [f for f in CPU_FLAGS if f in flags]
     return f"{model}, {cores} cores, flags: {' '.join(have) or 'none of ' + ' '.join(CPU_FLAGS)}"
+
+
+def device():
+    """The accelerator training ran on (the first GPU's name), or "CPU"."""
+    import keras
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        gpus = [d for d in jax.devices() if d.platform == "gpu"]
+        return gpus[0].device_kind if gpus else "CPU"
+    from keras_resnet.training import gpu_capability
+
+    if gpu_capability() is None:
+        return "CPU"
+    import tensorflow as tf
+
+    gpu = tf.config.list_physical_devices("GPU")[0]
+    return tf.config.experimental.get_device_details(gpu).get("device_name", "GPU")
+
+
+def time_to_accuracy(history, targets, metric="val_accuracy"):
+    """{target: {"epoch", "seconds"}} of the first epoch whose ``metric`` reached each
+    target (None: not reached), from a run's history (``training.read_history``):
+    its ``seconds`` column is the training wall clock at each epoch's end,
+    validation included."""
+    scores, seconds = history.get(metric, []), history.get("seconds", [])
+    if len(seconds) != len(scores):
+        raise ValueError(f"history: {metric!r} and 'seconds' columns differ in length; the "
+                         "run predates the seconds column")
+    out = {}
+    for target in targets:
+        hit = next((i for i, v in enumerate(scores) if np.isfinite(v) and v >= target), None)
+        out[target] = None if hit is None else {"epoch": hit + 1,
+                                                "seconds": round(float(seconds[hit]), 1)}
+    return out

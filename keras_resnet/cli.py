@@ -224,6 +224,49 @@ def tune_main(argv=None):
                           "best": best, "output_dir": config.output_dir}))
 
 
+def time_to_accuracy_main(argv=None):
+    """Train with the recipe (every training flag applies) and report the wall-clock
+    seconds to reach validation top-1 targets, with the machine it ran on."""
+    import json
+
+    from keras_resnet import benchmark, training
+
+    def add_arguments(parser):
+        parser.add_argument("--targets", default="0.8,0.85",
+                            help="validation top-1 targets, comma-separated (default 0.8,0.85)")
+
+    try:
+        config, args = _resolve(argv, add_arguments=add_arguments,
+                                defaults={"output_dir": "runs/time_to_accuracy"},
+                                description=time_to_accuracy_main.__doc__)
+        try:
+            targets = [float(t) for t in args["targets"].split(",")]
+        except ValueError:
+            targets = []
+        if not targets or not all(0 < t <= 1 for t in targets):
+            raise ValueError(f"--targets: got {args['targets']!r}; must be comma-separated "
+                             "accuracies in (0, 1]")
+        if not config.validation_size:
+            raise ValueError("--validation-size: the targets are validation top-1; must be "
+                             ">= 1")
+        config.validate()
+        report = training.train(config)
+    except (ValueError, TypeError) as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(_write_failure(e, config.output_dir))
+    history = training.read_history(os.path.join(config.output_dir, "history.csv"))
+    reached = benchmark.time_to_accuracy(history, targets)
+    for target, hit in reached.items():
+        print(f"val top-1 >= {target:.2f}: " + (
+            f"{hit['seconds']:.0f} s (epoch {hit['epoch']})" if hit else
+            f"not reached in {len(history.get('epoch', []))} epochs"))
+    print(json.dumps({"time_to_accuracy": {str(t): h for t, h in reached.items()},
+                      "test_top1": report.get("top1"), "epochs": config.epochs,
+                      "backend": report["backend"], "device": benchmark.device(),
+                      "machine": benchmark.machine(), "output_dir": config.output_dir}))
+
+
 def _uint8_images(splits_ds, limit):
     import numpy as np
 

@@ -852,6 +852,14 @@ def recover_backup(backup_dir):
                      f"(rm -r {backup_dir}) or pass a new --output-dir")
 
 
+def _history_seconds(path):
+    """The training seconds the last row of history.csv reached (0 for a new run)."""
+    if not os.path.exists(path):
+        return 0.0
+    seconds = read_history(path).get("seconds", [])
+    return seconds[-1] if seconds and np.isfinite(seconds[-1]) else 0.0
+
+
 def _backup_epoch(backup_dir):
     meta = os.path.join(backup_dir, "training_metadata.json")
     if not os.path.exists(meta):
@@ -1048,7 +1056,14 @@ def _fit(config, strategy, resuming, splits, source):
         _trim_history(history_csv, _backup_epoch(backup))
     elif chief and os.path.exists(history_csv):  # a run that died before its first epoch
         os.remove(history_csv)
+    # Training wall-clock seconds, over every session of the run, into each epoch's logs
+    # (so history.csv has a "seconds" column: time to accuracy, from any run).
+    clock = {"offset": _history_seconds(history_csv) if chief else 0.0}
     callbacks = [
+        keras.callbacks.LambdaCallback(
+            on_train_begin=lambda logs: clock.update(start=time.time()),
+            on_epoch_end=lambda epoch, logs: logs.__setitem__(
+                "seconds", round(clock["offset"] + time.time() - clock["start"], 2))),
         keras.callbacks.TerminateOnNaN(),
         # Remembers the epoch of a NaN loss (TerminateOnNaN then stops), for the report.
         keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: nan.update(
@@ -1056,6 +1071,7 @@ def _fit(config, strategy, resuming, splits, source):
     ]
     if chief:
         callbacks = [
+            callbacks[0],  # the clock, before the logger
             # Before the backup, so history.csv always holds every backed-up epoch
             # (a row the backup lacks is trimmed on resume).
             keras.callbacks.CSVLogger(history_csv, append=True),
@@ -1066,7 +1082,7 @@ def _fit(config, strategy, resuming, splits, source):
             keras.callbacks.ModelCheckpoint(os.path.join(out, "best.keras"), monitor=monitor,
                                             mode="max", save_best_only=True),
             keras.callbacks.ModelCheckpoint(os.path.join(out, "last.keras")),
-            *callbacks]
+            *callbacks[1:]]
         if tensorflow_available():  # Keras's TensorBoard writes through tf.summary
             callbacks.append(keras.callbacks.TensorBoard(os.path.join(out, "logs"),
                                                          write_graph=False))

@@ -49,7 +49,7 @@ def load_arrays(args):
         test = splits.test or (splits.train[0][:0], splits.train[1][:0])
         return (*splits.train, *test, splits.num_classes)
     rng = np.random.default_rng(0)
-    n = args["batch_size"] * 4
+    n = args["batch_size"] * args["max_steps"]  # a round never runs out of batches
     return (rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
             rng.integers(0, 10, n).astype(np.int32), None, None, 10)
 
@@ -185,9 +185,14 @@ def side_by_side(args):
     worker_args = {"batch_size": args.batch_size, "precision": args.precision,
                    "data_dir": args.data_dir, "max_train_images": args.max_train_images,
                    "max_eval_images": args.max_eval_images,
-                   "epochs": args.epochs, "torch_compile": args.torch_compile}
+                   "epochs": args.epochs, "torch_compile": args.torch_compile,
+                   "max_steps": max(args.steps, args.warmup)}
     sides = {"keras": Worker("keras", worker_args, args.backend),
              "torch": Worker("torch", worker_args, args.backend)}
+    per_epoch = sides["keras"].info["steps_per_epoch"]
+    if max(args.steps, args.warmup) > per_epoch:  # a Keras epoch is one pass of the feed
+        raise SystemExit(f"error: --steps / --warmup: at most {per_epoch}, the batches in one "
+                         "pass over the training images")
     result = {"backend": args.backend, "batch_size": args.batch_size, "steps": args.steps,
               "rounds": args.rounds, "sides": {}}
     total = args.warmup + args.rounds * args.steps

@@ -61,9 +61,9 @@ def _free_port():
 @pytest.mark.slow
 def test_train_data_parallel_and_predict_without_tensorflow(jax_env, folder, tmp_path):
     """One device and DataParallel over two (virtual) devices train alike at the same
-    global batch; predict.py runs; nothing imports TensorFlow; the TensorFlow backend
-    exports the JAX-trained model and verifies it."""
-    one, two = tmp_path / "one", tmp_path / "two"
+    global batch; fine-tuning and predict.py run; nothing imports TensorFlow; the
+    TensorFlow backend exports the JAX-trained model and verifies it."""
+    one, two, tuned = tmp_path / "one", tmp_path / "two", tmp_path / "tuned"
     code = (
         "import json, sys\n"
         "from helpers import run_main\n"
@@ -74,9 +74,13 @@ def test_train_data_parallel_and_predict_without_tensorflow(jax_env, folder, tmp
         "'--strategy', 'data-parallel', '--batch-size', '2')\n"
         f"c = run_main(cli.predict_main, {str(one)!r}, {str(folder / 'test' / 'cat')!r}, "
         "'--json')\n"
+        f"d = run_main(cli.finetune_main, '--data-dir', {str(folder)!r}, '--weights', "
+        f"{str(one)!r}, '--output-dir', {str(tuned)!r}, '--epochs', '2', '--head-epochs', "
+        "'1', '--crop', 'pad', '--batch-size', '4', '--validation-size', '6', "
+        "'--max-eval-images', '8')\n"
         "import jax\n"
-        "print(json.dumps({'codes': [a.returncode, b.returncode, c.returncode], "
-        "'errors': [a.stderr[-800:], b.stderr[-800:], c.stderr[-800:]], "
+        "print(json.dumps({'codes': [r.returncode for r in (a, b, c, d)], "
+        "'errors': [r.stderr[-800:] for r in (a, b, c, d)], "
         "'predicted': c.stdout.count('top_k'), 'devices': jax.device_count(), "
         "'tensorflow': 'tensorflow' in sys.modules}))\n")
     env = {**jax_env, "PYTHONPATH": f"{jax_env['PYTHONPATH']}{os.pathsep}"
@@ -84,12 +88,13 @@ def test_train_data_parallel_and_predict_without_tensorflow(jax_env, folder, tmp
     result = run_python(code, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     facts = json.loads(result.stdout.strip().splitlines()[-1])
-    assert facts["codes"] == [0, 0, 0], facts["errors"]
+    assert facts["codes"] == [0, 0, 0, 0], facts["errors"]
     assert facts["devices"] == 2 and not facts["tensorflow"]
     assert facts["predicted"] == 10  # every image of test/cat
-    metrics = [json.loads((run / "test_metrics.json").read_text()) for run in (one, two)]
+    metrics = [json.loads((run / "test_metrics.json").read_text())
+               for run in (one, two, tuned)]
     assert [(m["backend"], m["replicas"], m["pipeline"]) for m in metrics] == [
-        ("jax", 1, "memory"), ("jax", 2, "memory")]
+        ("jax", 1, "memory"), ("jax", 2, "memory"), ("jax", 1, "memory")]
     losses = [training.read_history(str(run / "history.csv"))["loss"] for run in (one, two)]
     # Same data, seed and global batch: the two runs differ only by float reduction order.
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
@@ -169,6 +174,21 @@ def test_pipeline_and_augmentation_follow_the_backend(monkeypatch):
     assert training.pipeline_of(config) == "memory" and training.augments_in_model(config)
     assert training.augments_in_model(training.TrainConfig(pipeline="tfdata"))
     assert training.resolve_precision("auto") == "float32"  # JAX on a CPU
+
+
+def test_precision_auto_under_jax_follows_the_gpu(monkeypatch):
+    import types
+
+    import jax
+
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    for capability, policy in (("9.0", "mixed_bfloat16"), ("7.5", "mixed_float16")):
+        gpu = types.SimpleNamespace(platform="gpu", compute_capability=capability)
+        monkeypatch.setattr(jax, "devices", lambda gpu=gpu: [gpu])
+        assert training.gpu_capability() == int(capability[0])
+        assert training.resolve_precision("auto") == policy
+    monkeypatch.setattr(jax, "devices", lambda: [types.SimpleNamespace(platform="cpu")])
+    assert training.gpu_capability() is None and training.resolve_precision("auto") == "float32"
 
 
 def test_memory_pipeline_reads_the_pixels_tf_data_reads(folder):

@@ -55,6 +55,9 @@ def test_smoke_run_writes_the_run_directory(folder, tmp_path):
     assert report["top1"] == metrics["top1"]
     history = T.read_history(str(tmp_path / "run" / "history.csv"))
     assert history["epoch"] == [0, 1] and all(np.isfinite(history["loss"]))
+    assert 0 < history["seconds"][0] < history["seconds"][1]  # training wall clock
+    assert (metrics["backend"], metrics["replicas"], metrics["pipeline"]) == (
+        "tensorflow", 1, "tfdata")
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["epochs"] == 2 and config["data_dir"] == folder
     best = keras.saving.load_model(tmp_path / "run" / "best.keras", compile=False)
@@ -93,12 +96,55 @@ def test_resume_after_kill_mid_epoch(folder, tmp_path):
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr[-2000:]
     with open(out / "history.csv") as f:
-        epochs = [int(r["epoch"]) for r in csv.DictReader(f)]
-    assert epochs == [0, 1, 2, 3]
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
+    seconds = [float(r["seconds"]) for r in rows]
+    assert seconds == sorted(seconds) and seconds[0] > 0  # the clock continues over the resume
     last = keras.saving.load_model(out / "last.keras")
     steps = 40 // 4
     assert int(last.optimizer.iterations.numpy()) == 4 * steps  # schedule continued
     assert (out / "test_metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_memory_pipeline_on_the_tensorflow_backend(folder, tmp_path):
+    report = T.train(smoke(folder, tmp_path / "run", pipeline="memory", epochs=2))
+    assert (report["backend"], report["pipeline"]) == ("tensorflow", "memory")
+    assert_consistent_scores(report, 16)
+    best = keras.saving.load_model(tmp_path / "run" / "best.keras", compile=False)
+    assert [la.name for la in best.get_layer("augment").layers] == ["aug_crop", "aug_flip"]
+
+
+def test_time_to_accuracy_reads_the_seconds_column():
+    from keras_resnet.benchmark import time_to_accuracy
+
+    history = {"epoch": [0, 1, 2], "val_accuracy": [0.5, 0.82, 0.9],
+               "seconds": [10.0, 20.5, 31.0]}
+    assert time_to_accuracy(history, [0.8, 0.85, 0.95]) == {
+        0.8: {"epoch": 2, "seconds": 20.5}, 0.85: {"epoch": 3, "seconds": 31.0}, 0.95: None}
+    with pytest.raises(ValueError, match="predates the seconds column"):
+        time_to_accuracy({"val_accuracy": [0.1]}, [0.5])
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_script(folder, tmp_path):
+    out = tmp_path / "run"
+    result = run_main(cli.time_to_accuracy_main, "--data-dir", folder, "--preset", "smoke",
+                      "--max-train-images", "32", "--validation-size", "8", "--epochs", "2",
+                      "--targets", "0.01,1.0", "--output-dir", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    hit = report["time_to_accuracy"]["0.01"]
+    history = T.read_history(str(out / "history.csv"))
+    assert hit == {"epoch": 1, "seconds": round(history["seconds"][0], 1)}
+    assert report["device"] == "CPU" and "cores" in report["machine"]
+    assert ("val top-1 >= 0.01: " in result.stdout) and report["epochs"] == 2
+    for flags, message in ((["--targets", "1.5"], "--targets: got '1.5'"),
+                           (["--validation-size", "0"], "--validation-size: the targets")):
+        bad = run_main(cli.time_to_accuracy_main, "--data-dir", folder, "--output-dir",
+                       tmp_path / "bad", *flags)
+        assert bad.returncode == 2 and message in bad.stderr
+        assert not (tmp_path / "bad").exists()
 
 
 def test_resume_with_other_config_is_refused(folder, tmp_path):
