@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import keras
 import numpy as np
 
-from keras_resnet.sources import DataError, Splits, folder_files, ram_budget
+from keras_resnet.sources import DataError, Splits, folder_files, ram_budget, shard_split
 
 DECODE_THREADS = 8
 
@@ -73,15 +73,18 @@ def check_fits(num_images, image_size, budget=None):
     return needed
 
 
-def channel_stats(images):
-    """Per-channel mean and std (0..255 scale) of uint8 images (N, H, W, 3)."""
-    total = np.zeros(3)
-    squares = np.zeros(3)
-    for start in range(0, len(images), 4096):  # in chunks: no float copy of all of them
-        chunk = images[start:start + 4096].astype(np.float64)
+def channel_stats(batches):
+    """Per-channel mean and std (0..255 scale) of uint8 image batches (N, H, W, 3): an
+    array (read in chunks, no float copy of all of it) or any iterable of batches."""
+    if isinstance(batches, np.ndarray):
+        images = batches
+        batches = (images[s:s + 4096] for s in range(0, len(images), 4096))
+    total, squares, n = np.zeros(3), np.zeros(3), 0
+    for batch in batches:
+        chunk = np.asarray(batch, np.float64)
         total += chunk.sum(axis=(0, 1, 2))
         squares += np.square(chunk).sum(axis=(0, 1, 2))
-    n = len(images) * images.shape[1] * images.shape[2]
+        n += chunk.shape[0] * chunk.shape[1] * chunk.shape[2]
     mean = total / n
     std = np.sqrt(squares / n - mean ** 2)
     return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)
@@ -99,7 +102,7 @@ def load_memory_splits(dataset="cifar10", *, data_dir=None, tfds_data_dir=None,
     """
     if data_dir is None:
         return _tfds_arrays(dataset, tfds_data_dir, validation_size, max_train_images,
-                            max_eval_images, with_test)
+                            max_eval_images, with_test, shard)
     files = folder_files(data_dir, validation_size, max_train_images, max_eval_images,
                          image_size, seed, shard=shard, with_test=with_test)
     size, report = files.image_size, files.report
@@ -124,8 +127,10 @@ def load_memory_splits(dataset="cifar10", *, data_dir=None, tfds_data_dir=None,
                   std, count["train"], count["validation"], count["test"], report)
 
 
-def _tfds_arrays(dataset, tfds_data_dir, validation_size, max_train, max_eval, with_test):
-    """A tfds dataset read into arrays; tfds needs TensorFlow."""
+def _tfds_arrays(dataset, tfds_data_dir, validation_size, max_train, max_eval, with_test,
+                 shard=None):
+    """A tfds dataset read into arrays (this process's ``shard`` of the training
+    split); tfds needs TensorFlow."""
     try:
         import tensorflow  # noqa: F401
     except ImportError:
@@ -146,9 +151,10 @@ def _tfds_arrays(dataset, tfds_data_dir, validation_size, max_train, max_eval, w
         return (np.concatenate([p[0] for p in pairs]).astype(np.uint8),
                 np.concatenate([p[1] for p in pairs]).astype(np.int32))
 
-    return Splits(to_arrays(splits.train), to_arrays(splits.validation),
-                  to_arrays(splits.test), splits.class_names, splits.image_size, splits.mean,
-                  splits.std, splits.num_train, splits.num_validation, splits.num_test)
+    train = shard_split(*to_arrays(splits.train), shard)
+    return Splits(train, to_arrays(splits.validation), to_arrays(splits.test),
+                  splits.class_names, splits.image_size, splits.mean, splits.std,
+                  len(train[0]), splits.num_validation, splits.num_test)
 
 
 class BatchFeed(keras.utils.PyDataset):
@@ -167,6 +173,7 @@ class BatchFeed(keras.utils.PyDataset):
         self.images, self.labels = images, labels
         self.batch_size, self.num_classes, self.shuffle = batch_size, num_classes, shuffle
         self.rng = np.random.default_rng(seed)
+        self.one_hot = np.eye(num_classes, dtype=np.float32)
         self.order = self.rng.permutation(len(images)) if shuffle else None
 
     def __len__(self):
@@ -180,7 +187,7 @@ class BatchFeed(keras.utils.PyDataset):
         images = self.images[picked].astype(np.float32)
         if self.labels is None:
             return images
-        return images, np.eye(self.num_classes, dtype=np.float32)[self.labels[picked]]
+        return images, self.one_hot[self.labels[picked]]
 
     def on_epoch_end(self):
         if self.shuffle:

@@ -246,7 +246,7 @@ def time_to_accuracy_main(argv=None):
         if not targets or not all(0 < t <= 1 for t in targets):
             raise ValueError(f"--targets: got {args['targets']!r}; must be comma-separated "
                              "accuracies in (0, 1]")
-        if not config.validation_size:
+        if config.validation_size == 0:  # None: a tenth of the training images
             raise ValueError("--validation-size: the targets are validation top-1; must be "
                              ">= 1")
         config.validate()

@@ -317,16 +317,9 @@ def folder_dataset(paths, labels, image_size, *, crop_ratio=1.0, native=False, c
 
 def channel_stats(ds):
     """Per-channel mean and std (0..255 scale) of an (image, label) dataset."""
-    total = ds.batch(1024).map(lambda x, _: (
-        tf.reduce_sum(tf.cast(x, tf.float64), [0, 1, 2]),
-        tf.reduce_sum(tf.square(tf.cast(x, tf.float64)), [0, 1, 2]),
-        tf.cast(tf.reduce_prod(tf.shape(x)[:3]), tf.float64)))
-    s, sq, n = total.reduce(
-        (tf.zeros(3, tf.float64), tf.zeros(3, tf.float64), tf.constant(0.0, tf.float64)),
-        lambda acc, v: (acc[0] + v[0], acc[1] + v[1], acc[2] + v[2]))
-    mean = s / n
-    std = tf.sqrt(sq / n - tf.square(mean))
-    return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)
+    from keras_resnet.arrays import channel_stats as of_batches
+
+    return of_batches(ds.batch(1024).map(lambda x, _: x).as_numpy_iterator())
 
 
 # ----------------------------------------------------------------------- augmentation

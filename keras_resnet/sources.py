@@ -155,7 +155,7 @@ def _folder_split(split_dir, class_names, limit, seed, report, key):
     return _readable(*seeded_subset(paths, labels, limit, seed), empty, other, report, key)
 
 
-def _shard(paths, labels, shard):
+def shard_split(paths, labels, shard):
     """Worker ``index`` of ``count``: every count-th file, all shards the same length."""
     if shard is None:
         return paths, labels
@@ -212,7 +212,7 @@ def folder_files(root, validation_size, max_train, max_eval, image_size, seed, *
         report["validation"]["carved_from"] = "train"
         train_paths = [train_paths[i] for i in ti]
         train_labels = [train_labels[i] for i in ti]
-    train_paths, train_labels = _shard(*_readable(
+    train_paths, train_labels = shard_split(*_readable(
         *seeded_subset(train_paths, train_labels, max_train, seed), empty, other, report, "train"),
         shard)
     if not train_paths:

@@ -56,8 +56,8 @@ class TorchRecipe:
         for block in (m for m in model.modules() if hasattr(m, "bn2")):
             nn.init.zeros_(block.bn2.weight)
         self.model = torch.compile(model) if compile_model else model
-        decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-        rest = [p for n, p in model.named_parameters() if p.ndim <= 1]
+        decay = [p for p in model.parameters() if p.ndim > 1]  # no decay on BN / biases
+        rest = [p for p in model.parameters() if p.ndim <= 1]
         self.peak = lr * batch_size / LR_REFERENCE_BATCH
         fused = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
         self.optimizer = torch.optim.SGD(

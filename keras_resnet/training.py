@@ -1059,19 +1059,23 @@ def _fit(config, strategy, resuming, splits, source):
     # Training wall-clock seconds, over every session of the run, into each epoch's logs
     # (so history.csv has a "seconds" column: time to accuracy, from any run).
     clock = {"offset": _history_seconds(history_csv) if chief else 0.0}
-    callbacks = [
-        keras.callbacks.LambdaCallback(
-            on_train_begin=lambda logs: clock.update(start=time.time()),
-            on_epoch_end=lambda epoch, logs: logs.__setitem__(
-                "seconds", round(clock["offset"] + time.time() - clock["start"], 2))),
+    # Training wall-clock seconds over every session of the run, put into each epoch's
+    # logs before the logger writes them: history.csv's "seconds" column.
+    clock_cb = keras.callbacks.LambdaCallback(
+        on_train_begin=lambda logs: clock.update(start=time.time()),
+        on_epoch_end=lambda epoch, logs: logs.__setitem__(
+            "seconds", round(clock["offset"] + time.time() - clock["start"], 2)))
+    common = [
         keras.callbacks.TerminateOnNaN(),
         # Remembers the epoch of a NaN loss (TerminateOnNaN then stops), for the report.
         keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: nan.update(
             current=epoch), on_train_batch_end=note_nan),
     ]
-    if chief:
+    if not chief:  # restores process 0's backup; writes nothing
+        callbacks = [RestoreOnly(backup, delete_checkpoint=False), clock_cb, *common]
+    else:
         callbacks = [
-            callbacks[0],  # the clock, before the logger
+            clock_cb,
             # Before the backup, so history.csv always holds every backed-up epoch
             # (a row the backup lacks is trimmed on resume).
             keras.callbacks.CSVLogger(history_csv, append=True),
@@ -1082,12 +1086,10 @@ def _fit(config, strategy, resuming, splits, source):
             keras.callbacks.ModelCheckpoint(os.path.join(out, "best.keras"), monitor=monitor,
                                             mode="max", save_best_only=True),
             keras.callbacks.ModelCheckpoint(os.path.join(out, "last.keras")),
-            *callbacks[1:]]
+            *common]
         if tensorflow_available():  # Keras's TensorBoard writes through tf.summary
             callbacks.append(keras.callbacks.TensorBoard(os.path.join(out, "logs"),
                                                          write_graph=False))
-    else:
-        callbacks.insert(0, RestoreOnly(backup, delete_checkpoint=False))
     if getattr(strategy, "num_processes", 1) > 1:
         callbacks = [OffMesh(c) if isinstance(c, (keras.callbacks.BackupAndRestore,
                                                   keras.callbacks.ModelCheckpoint)) else c

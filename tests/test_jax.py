@@ -236,6 +236,15 @@ def test_memory_pipeline_decodes_other_sizes_and_drops_broken_files(tmp_path):
     assert np.all(images == 200)
 
 
+def test_every_process_gets_its_own_equal_share_of_arrays():
+    from keras_resnet.sources import shard_split
+
+    images, labels = np.arange(11) * 10, np.arange(11)
+    shares = [shard_split(images, labels, (2, i)) for i in (0, 1)]
+    assert [s[1].tolist() for s in shares] == [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]]
+    np.testing.assert_array_equal(shares[1][0], shares[1][1] * 10)
+
+
 def test_batch_feed_shuffles_each_epoch_and_one_hots():
     images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1).repeat(3, axis=3)
     labels = np.arange(10, dtype=np.int32) % 3
