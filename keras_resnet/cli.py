@@ -296,6 +296,9 @@ def export_main(argv=None):
     parser.add_argument("--winograd", action="store_true",
                         help=f"also write {export.ARTIFACT_NAMES[export.WINOGRAD]}: float32 "
                         "with Winograd 3x3 convs (faster on x86 CPUs, 1.67x the file size)")
+    parser.add_argument("--tta-flip", choices=["auto", "on", "off"], default="auto",
+                        help="flip test-time augmentation inside the artifacts (two passes "
+                        "per image); auto: as the run scored its test set")
     args = parser.parse_args(argv)
     if args.formats is None:
         formats = [f for f in export.FORMATS if args.data_dir or f != "tflite_int8"]
@@ -317,6 +320,8 @@ def export_main(argv=None):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}: must be >= 1")
         model, _model_path = predict.load_source(args.source)
+        tta_flip = (args.tta_flip == "on" or
+                    (args.tta_flip == "auto" and predict.scored_with_tta(_model_path)))
         name = model.name
         output_dir = args.output_dir or os.path.join("saved_models", name)
         from keras_resnet.training import check_output_dir
@@ -340,7 +345,7 @@ def export_main(argv=None):
             class_names = splits.class_names
         report = export.export(args.source, output_dir, formats, images=images, labels=labels,
                                calibration=calibration, int8_io=args.int8_io,
-                               class_names=class_names)
+                               class_names=class_names, tta_flip=tta_flip)
     except ValueError as e:
         _fail(str(e))
     except OSError as e:  # a full disk: the artifacts written before it are whole
@@ -356,6 +361,8 @@ def export_main(argv=None):
     rewritten = report["artifacts"].get(export.WINOGRAD, {}).get("winograd_convs")
     if rewritten:
         print(f"{export.WINOGRAD}: {len(rewritten)} 3x3 convs computed by Winograd")
+    if tta_flip:
+        print("tta_flip: every artifact averages the image and its mirror (2 passes)")
     print(f"report: {os.path.join(output_dir, 'export_report.json')}")
     print(json.dumps({fmt: r["path"] for fmt, r in report["artifacts"].items()}))
 

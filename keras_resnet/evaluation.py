@@ -12,7 +12,15 @@ import numpy as np
 def predict_probabilities(model, data, tta_flip=False, batch_size=128):
     """Softmax probabilities and integer labels over ``data``: a tf.data dataset of
     (images, one-hot labels), or (uint8 images, int labels) arrays (the memory
-    pipeline); ``tta_flip`` averages with the mirrored images."""
+    pipeline); ``tta_flip`` averages the logits with those of the mirrored images."""
+    views, labels = view_logits(model, data, (False, True) if tta_flip else (False,),
+                                batch_size)
+    return _softmax(np.mean(views, axis=0)), labels
+
+
+def view_logits(model, data, flips, batch_size=128):
+    """The model's float32 outputs over ``data`` once per entry of ``flips`` (mirrored
+    images where True), and the integer labels."""
     from keras_resnet.sources import unknown_length_ok
 
     if isinstance(data, tuple):  # arrays: no TensorFlow needed
@@ -22,18 +30,16 @@ def predict_probabilities(model, data, tta_flip=False, batch_size=128):
 
         def run(flip):
             feed = BatchFeed(images[:, :, ::-1] if flip else images, None, batch_size, 0)
-            return _softmax(model.predict(feed, verbose=0))
+            return model.predict(feed, verbose=0)
     else:
         labels = np.concatenate([np.argmax(y, axis=1) for _, y in data.as_numpy_iterator()])
 
         def run(flip):
             images = data.map(lambda x, y: x[:, :, ::-1] if flip else x)
             with unknown_length_ok():
-                return _softmax(model.predict(images, verbose=0))
-    probs = run(False)
-    if tta_flip:
-        probs = (probs + run(True)) / 2
-    return probs, np.asarray(labels)
+                return model.predict(images, verbose=0)
+    # The mean of these logits is what predict.flip_tta_model computes.
+    return [np.asarray(run(flip), np.float32) for flip in flips], np.asarray(labels)
 
 
 def _softmax(logits):
@@ -42,7 +48,9 @@ def _softmax(logits):
 
 def evaluate(model, data, class_names, tta_flip=False, batch_size=128):
     """top1, top5, per-class accuracy and the confusion matrix on ``data``."""
-    probs, labels = predict_probabilities(model, data, tta_flip, batch_size)
+    views, labels = view_logits(model, data, (False, True) if tta_flip else (False,),
+                                batch_size)
+    probs = _softmax(np.mean(views, axis=0))
     top5 = np.argsort(-probs, axis=1)[:, :5]
     pred = top5[:, 0]
     n = len(class_names)
@@ -50,10 +58,14 @@ def evaluate(model, data, class_names, tta_flip=False, batch_size=128):
     np.add.at(confusion, (labels, pred), 1)
     per_class = {name: round(float(confusion[i, i] / max(confusion[i].sum(), 1)), 4)
                  for i, name in enumerate(class_names)}
-    return {"top1": round(float(np.mean(pred == labels)), 4),
-            "top5": round(float(np.mean(np.any(top5 == labels[:, None], axis=1))), 4),
-            "per_class": per_class, "num_images": len(labels), "tta_flip": tta_flip,
-            "confusion_matrix": confusion.tolist()}
+    report = {"top1": round(float(np.mean(pred == labels)), 4),
+              "top5": round(float(np.mean(np.any(top5 == labels[:, None], axis=1))), 4),
+              "per_class": per_class, "num_images": len(labels), "tta_flip": tta_flip,
+              "confusion_matrix": confusion.tolist()}
+    if tta_flip:  # the figure without the mirror view, beside it
+        single = np.argmax(views[0], axis=1)
+        report["top1_single_view"] = round(float(np.mean(single == labels)), 4)
+    return report
 
 
 def plot_history(history, path):

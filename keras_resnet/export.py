@@ -25,6 +25,7 @@ from keras_resnet import locking
 from keras_resnet.predict import (
     SavedModelRunner,
     TFLiteModel,
+    flip_tta_model,
     input_size,
     load_source,
     probability_fn,
@@ -136,7 +137,7 @@ def check(fmt, figures):
 
 
 def export(source, output_dir, formats=("saved_model", "tflite_float32"), images=None,
-           labels=None, calibration=None, int8_io="uint8", class_names=None):
+           labels=None, calibration=None, int8_io="uint8", class_names=None, tta_flip=False):
     """Export ``source`` to ``formats`` under ``output_dir``; returns the report.
 
     Args:
@@ -146,6 +147,8 @@ def export(source, output_dir, formats=("saved_model", "tflite_float32"), images
             each artifact on; without them a few random images are used (no
             accuracy figures).
         calibration: uint8 images for ``tflite_int8``.
+        tta_flip: put flip test-time augmentation inside every artifact
+            (``predict.flip_tta_model``: two forward passes per image).
 
     Raises:
         ValueError: bad arguments (checked before any work), or an artifact that
@@ -160,6 +163,8 @@ def export(source, output_dir, formats=("saved_model", "tflite_float32"), images
     if "tflite_int8" in formats and calibration is None:
         raise ValueError("tflite_int8 needs calibration images: pass --data-dir")
     model, model_path = load_source(source)
+    if tta_flip:
+        model = flip_tta_model(model)
     h, w = input_size(model)
     if images is None:
         images = np.random.default_rng(0).integers(0, 256, (16, h, w, 3), dtype=np.uint8)
@@ -178,7 +183,7 @@ def export(source, output_dir, formats=("saved_model", "tflite_float32"), images
             _atomic_write(os.path.join(output_dir, "preprocessing.json"),
                           json.dumps({"crop_ratio": crop_ratio}).encode())
         reference = np.asarray(probability_fn(model)(images))
-        report = {"source": model_path, "artifacts": {}}
+        report = {"source": model_path, "tta_flip": bool(tta_flip), "artifacts": {}}
         for fmt in formats:
             final = os.path.join(output_dir, ARTIFACT_NAMES[fmt])
             tmp = tempfile.mkdtemp(prefix=".export-", dir=output_dir)

@@ -67,8 +67,43 @@ def read_crop_ratio(model_path):
         return float(json.load(f).get("crop_ratio", 1.0))
 
 
+def scored_with_tta(model_path):
+    """Whether the run beside ``model_path`` scored its test set with flip test-time
+    augmentation (``test_metrics.json``); False when there is no such record."""
+    import json
+
+    folder = model_path if os.path.isdir(model_path) else os.path.dirname(model_path)
+    path = os.path.join(folder, "test_metrics.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        return bool(json.load(f).get("tta_flip", False))
+
+
 def ends_in_softmax(model):
     return getattr(model.layers[-1], "activation", None) is keras.activations.softmax
+
+
+@keras.saving.register_keras_serializable("keras_resnet")
+class Mirror(keras.layers.Layer):
+    """Left-right mirror of NHWC images, always (RandomFlip only flips at random, in
+    training): the second view of flip test-time augmentation."""
+
+    def call(self, images):
+        return ops.flip(images, axis=2)
+
+
+def flip_tta_model(model):
+    """``model`` with flip test-time augmentation inside: the mean of its logits on the
+    image and on its mirror (what ``evaluate(..., tta_flip=True)`` scores), so that an
+    exported artifact computes the figure the run reported. Costs two forward passes."""
+    if ends_in_softmax(model):
+        raise ValueError(f"tta_flip: {model.name!r} ends in a softmax; flip test-time "
+                         "augmentation averages logits (a trained classifier's output)")
+    inputs = keras.Input(model.input_shape[1:], name="image")
+    mirrored = Mirror(name="tta_mirror")(inputs)
+    outputs = keras.layers.Average(name="tta_mean")([model(inputs), model(mirrored)])
+    return keras.Model(inputs, outputs, name=model.name)
 
 
 def probability_fn(model):

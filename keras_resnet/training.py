@@ -24,7 +24,7 @@ import time
 import keras
 import numpy as np
 
-from keras_resnet import arrays, evaluation, locking
+from keras_resnet import arrays, evaluation, locking, whitening
 from keras_resnet import weights as weights_lib
 from keras_resnet.augment import AugmentConfig, build_augmenter
 from keras_resnet.model import MODELS, STEMS, build_classifier, build_model
@@ -38,7 +38,8 @@ TF_STRATEGIES = ("mirrored", "multiworker")  # tf.distribute: the TensorFlow bac
 PIPELINES = ("auto", "tfdata", "memory")
 BACKENDS = ("tensorflow", "jax")  # Keras backends keras_resnet trains on
 ONE_CYCLE_START = 1 / 25  # one-cycle warm-up starts at this fraction of the peak LR
-LR_REFERENCE_BATCH = 128  # ``lr`` is given per 128 images; scaled linearly with the batch
+LR_REFERENCE_BATCH = 128
+WHITEN_IMAGES = 512  # training images whose patches set the whitening filters  # ``lr`` is given per 128 images; scaled linearly with the batch
 # Fields that may differ when a run directory is resumed (they do not change the math).
 RESUMABLE_FIELDS = ("output_dir", "verbose", "tta_flip", "coordinator", "process_id",
                     "coordinator_timeout")
@@ -68,10 +69,12 @@ class TrainConfig:
     label_smoothing: float = 0.1
     clipnorm: float = 0.0              # gradient clipping by global norm; 0 = off
     zero_init_residual: bool = True    # last BN gamma of each block starts at 0
+    whiten_stem: bool = False          # stem conv starts as frozen patch-whitening filters
     image_size: int | None = None      # image folders: N x N input; None = the most common size
     crop_flip: bool = True             # random crop + horizontal flip
-    crop: str = "pad"                  # pad: pad-4 random crop (CIFAR) | resized: random
+    crop: str = "pad"                  # pad: pad-and-crop (CIFAR) | resized: random
     #                                    resized crop (ImageNet recipe)
+    crop_padding: int = 4              # pad crop: pixels of zero padding (max shift)
     crop_scale: str = "0.08,1"         # resized crop: share of the image area, low,high
     crop_ratio: str = "0.75,1.333"     # resized crop: aspect ratio, low,high
     eval_crop_ratio: float | None = None  # eval centre crop covers this share of the shorter
@@ -106,7 +109,8 @@ class TrainConfig:
 
     def augment(self):
         return AugmentConfig(
-            crop_flip=self.crop_flip, crop=self.crop, crop_scale=_pair(self.crop_scale,
+            crop_flip=self.crop_flip, crop=self.crop, crop_padding=self.crop_padding,
+            crop_scale=_pair(self.crop_scale,
                                                                        "crop_scale"),
             crop_ratio=_pair(self.crop_ratio, "crop_ratio"),
             rotation=self.rotation, color_jitter=self.color_jitter,
@@ -356,6 +360,37 @@ def classifier_for(config, splits):
                             num_classes=splits.num_classes, mean=splits.mean, std=splits.std,
                             augmenter=augmenter, stem=config.stem,
                             zero_init_residual=config.zero_init_residual)
+
+
+def first_images(feed, count):
+    """About ``count`` images from the first batches of a training feed (tf.data or a
+    ``BatchFeed``), as one NumPy array."""
+    if isinstance(feed, arrays.BatchFeed):
+        batches = (feed[i][0] for i in range(len(feed)))
+    else:
+        batches = (x for x, _ in feed.as_numpy_iterator())
+    images, total = [], 0
+    for batch in batches:
+        images.append(np.asarray(batch))
+        total += len(batch)
+        if total >= count:
+            break
+    return np.concatenate(images)[:count]
+
+
+def whiten_stem_from(config, model, train_data, splits):
+    """``whiten_stem``: the stem conv starts as frozen patch-whitening filters of the
+    first training images. Single-process runs only: each process of a multi-host run
+    sees other images, and the model must start the same on all of them."""
+    if not config.whiten_stem:
+        return
+    if config.strategy == "multiworker" or config.num_processes > 1:
+        print("whiten_stem: skipped (several processes); the stem keeps its random start")
+        return
+    set_filters = whitening.whiten_stem(model, first_images(train_data, WHITEN_IMAGES),
+                                        splits.mean, splits.std)
+    print(f"whiten_stem: {set_filters} of the stem's filters whiten "
+          f"{WHITEN_IMAGES}-image patches (frozen)")
 
 
 def _no_decay(variable):
@@ -1030,6 +1065,8 @@ def _fit(config, strategy, resuming, splits, source):
             model = classifier_for(config, splits)
         else:
             model = finetune_classifier(config, splits, source)
+        if source is None:
+            whiten_stem_from(config, model, train_data, splits)
         optimizer = make_optimizer(config, make_schedule(config, steps_per_epoch, lr), model)
         if source is not None and config.mode != "linear":
             scale_backbone_lr(optimizer, config.backbone_lr_scale,

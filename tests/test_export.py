@@ -106,6 +106,37 @@ def test_default_export_writes_no_winograd_file(model_path, tmp_path):
     assert figures["passed"] and "winograd_convs" not in figures
 
 
+def test_flip_tta_follows_the_run_into_the_artifact(model_path, tmp_path):
+    """A run scored with --tta-flip exports artifacts that compute that score: the mean
+    of the logits on the image and its mirror (two passes), as evaluate() does."""
+    import shutil
+
+    from keras_resnet import evaluation
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(model_path, run / "best.keras")
+    (run / "test_metrics.json").write_text(json.dumps({"top1": 0.5, "tta_flip": True}))
+    result = export_cli(str(run), "--output-dir", str(tmp_path / "out"), "--formats",
+                        "tflite_float32")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "export_report.json").read_text())
+    assert report["tta_flip"] and report["artifacts"]["tflite_float32"]["passed"]
+    images = np.random.default_rng(2).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    model = keras.saving.load_model(model_path, compile=False)
+    scored, _ = evaluation.predict_probabilities(model, (images, np.zeros(6, int)),
+                                                 tta_flip=True)
+    plain = np.asarray(P.probability_fn(model)(images))
+    assert np.abs(scored - plain).max() > 1e-3  # the mirror view changes the answer
+    tflite = P.TFLiteModel(tmp_path / "out" / "model_float32.tflite")
+    np.testing.assert_allclose(np.concatenate([tflite(im[None]) for im in images]), scored,
+                               atol=1e-5)
+    result = export_cli(str(run), "--output-dir", str(tmp_path / "off"), "--formats",
+                        "tflite_float32", "--tta-flip", "off")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not json.loads((tmp_path / "off" / "export_report.json").read_text())["tta_flip"]
+
+
 @pytest.mark.slow
 def test_saved_model_takes_uint8_batches_and_matches_keras(exported, model_path):
     out, _ = exported

@@ -49,6 +49,7 @@ def test_smoke_run_writes_the_run_directory(folder, tmp_path):
             "test_metrics.json", "confusion_matrix.png", "logs"} <= files
     metrics = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
     assert set(metrics) >= {"top1", "top5", "per_class"} and metrics["tta_flip"] is True
+    assert 0 <= metrics["top1_single_view"] <= 1  # the score without the mirror view
     assert sorted(metrics["per_class"]) == ["cat", "dog", "eel"]
     assert metrics["top5"] == 1.0  # 3 classes: the true one is always in the top 5
     assert_consistent_scores(metrics, 16)
@@ -578,3 +579,13 @@ def test_an_edited_config_json_is_refused_by_field_or_as_unreadable(folder, fini
     path.write_text('{"lr": 0.2,')  # cut short
     with pytest.raises(ValueError, match="config.json' is not a readable config"):
         T.train(config)
+
+
+def test_whitened_stem_stays_frozen_through_training(folder, tmp_path):
+    """--whiten-stem: the stem conv's +/- whitening pairs are still exact after training
+    (frozen), and the run's model saves and loads as usual."""
+    T.train(smoke(folder, tmp_path / "run", epochs=1, whiten_stem=True))
+    model = keras.saving.load_model(tmp_path / "run" / "best.keras", compile=False)
+    kernel = model.get_layer("stem_conv1").kernel.numpy()
+    np.testing.assert_array_equal(kernel[..., 27:54], -kernel[..., :27])
+    assert np.abs(kernel[..., :27]).max() > 0
