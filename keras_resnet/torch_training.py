@@ -45,9 +45,11 @@ def pad_crop_flip(images, padding, generator):
 class TorchRecipe:
     """ResNet18 (CIFAR stem) trained with the project's recipe on uint8 NHWC arrays."""
 
-    def __init__(self, *, num_classes, mean, std, batch_size, total_steps, lr=0.2,
-                 weight_decay=5e-4, label_smoothing=0.1, warmup_steps=0, device="cpu",
-                 compile_model=False, bf16=False, seed=0):
+    # Defaults: training.TrainConfig's (the stem's whitening start and TTA, one-off
+    # extras that change neither a step nor its cost, are left out on both sides).
+    def __init__(self, *, num_classes, mean, std, batch_size, total_steps, lr=0.4,
+                 weight_decay=5e-4, label_smoothing=0.1, warmup_steps=0, padding=2,
+                 device="cpu", compile_model=False, bf16=False, seed=0):
         torch.manual_seed(seed)
         self.device, self.bf16, self.batch_size = torch.device(device), bf16, batch_size
         model = build_reference({"depth": 18}, num_classes, "cifar")
@@ -69,6 +71,7 @@ class TorchRecipe:
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.padding = padding
 
     def _inputs(self, images):
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
@@ -80,7 +83,7 @@ class TorchRecipe:
         self.model.train()
         start = time.perf_counter()
         for pick in batches:
-            x = pad_crop_flip(self._inputs(images[pick]), 4, self.generator)
+            x = pad_crop_flip(self._inputs(images[pick]), self.padding, self.generator)
             x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
             y = torch.from_numpy(labels[pick].astype(np.int64)).to(self.device)
             for group in self.optimizer.param_groups:

@@ -58,7 +58,7 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 128              # per replica; global = batch_size * replicas
     optimizer: str = "nesterov"        # sgd | nesterov | rmsprop | adam | adamw
-    lr: float = 0.2                    # peak LR per 128 images (linear scaling)
+    lr: float = 0.4                    # peak LR per 128 images (linear scaling)
     momentum: float = 0.9
     weight_decay: float = 5e-4         # L2 as in PyTorch (decoupled for adamw)
     decay_bn_and_bias: bool = False    # also decay BatchNorm parameters and biases
@@ -69,12 +69,12 @@ class TrainConfig:
     label_smoothing: float = 0.1
     clipnorm: float = 0.0              # gradient clipping by global norm; 0 = off
     zero_init_residual: bool = True    # last BN gamma of each block starts at 0
-    whiten_stem: bool = False          # stem conv starts as frozen patch-whitening filters
+    whiten_stem: bool = True           # stem conv starts as frozen patch-whitening filters
     image_size: int | None = None      # image folders: N x N input; None = the most common size
     crop_flip: bool = True             # random crop + horizontal flip
     crop: str = "pad"                  # pad: pad-and-crop (CIFAR) | resized: random
     #                                    resized crop (ImageNet recipe)
-    crop_padding: int = 4              # pad crop: pixels of zero padding (max shift)
+    crop_padding: int = 2              # pad crop: pixels of zero padding (max shift)
     crop_scale: str = "0.08,1"         # resized crop: share of the image area, low,high
     crop_ratio: str = "0.75,1.333"     # resized crop: aspect ratio, low,high
     eval_crop_ratio: float | None = None  # eval centre crop covers this share of the shorter
@@ -104,7 +104,8 @@ class TrainConfig:
     process_id: int = 0                # JAX multi-host: this process, 0..num_processes-1
     coordinator_timeout: float = 300.0  # seconds to wait for the other processes
     early_stopping: int = 0            # patience in epochs; 0 = off
-    tta_flip: bool = False             # flip test-time augmentation for the test score
+    tta_flip: bool = True              # flip test-time augmentation for the test score
+    #                                    (export_model.py puts it in the artifacts)
     verbose: int = 1                   # Keras progress bar: 0 silent, 1 bar, 2 line/epoch
 
     def augment(self):
@@ -298,7 +299,8 @@ def baseline_config(**overrides):
     return dataclasses.replace(
         TrainConfig(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
                     decay_bn_and_bias=True, schedule="cosine", warmup_epochs=0.0,
-                    label_smoothing=0.0, zero_init_residual=False, batch_size=128),
+                    label_smoothing=0.0, zero_init_residual=False, batch_size=128,
+                    whiten_stem=False, tta_flip=False, crop_padding=4),
         **overrides)
 
 
@@ -631,6 +633,8 @@ class FinetuneConfig(TrainConfig):
     schedule: str = "cosine"
     warmup_epochs: float = 0.0
     zero_init_residual: bool = False
+    whiten_stem: bool = False          # the stem comes with the pretrained weights
+    tta_flip: bool = False
     crop: str = "resized"
     validation_size: int | None = None  # None = a tenth of the training images
 

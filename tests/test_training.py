@@ -156,7 +156,7 @@ def test_resume_with_other_config_is_refused(folder, tmp_path):
     result = run_main(cli.train_main, "--preset", "smoke", "--data-dir", folder,
                       "--output-dir", str(out), "--validation-size", "8", "--lr", "0.5")
     assert result.returncode == 2
-    assert "unfinished run with another config (lr: run has 0.2, asked 0.5)" in result.stderr
+    assert "unfinished run with another config (lr: run has 0.4, asked 0.5)" in result.stderr
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -574,7 +574,7 @@ def test_an_edited_config_json_is_refused_by_field_or_as_unreadable(folder, fini
     path = tmp_path / "run" / "config.json"
     saved = json.loads(path.read_text())
     path.write_text(json.dumps({**saved, "lr": 0.7}))  # edited by hand
-    with pytest.raises(ValueError, match="another config \\(lr: run has 0.7, asked 0.2\\)"):
+    with pytest.raises(ValueError, match="another config \\(lr: run has 0.7, asked 0.4\\)"):
         T.train(config)
     path.write_text('{"lr": 0.2,')  # cut short
     with pytest.raises(ValueError, match="config.json' is not a readable config"):
