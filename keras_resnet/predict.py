@@ -43,10 +43,15 @@ def as_float32(model):
     return clone
 
 
+def _beside(model_path, name):
+    """The path of file ``name`` in the run folder of ``model_path`` (a file or folder)."""
+    folder = model_path if os.path.isdir(model_path) else os.path.dirname(model_path)
+    return os.path.join(folder, name)
+
+
 def read_labels(model_path):
     """Class names from ``labels.txt`` beside a model (training and export write it)."""
-    folder = model_path if os.path.isdir(model_path) else os.path.dirname(model_path)
-    path = os.path.join(folder, "labels.txt")
+    path = _beside(model_path, "labels.txt")
     if not os.path.exists(path):
         return None
     with open(path) as f:
@@ -59,8 +64,7 @@ def read_crop_ratio(model_path):
     (the whole image, as far as its aspect allows) when there is none."""
     import json
 
-    folder = model_path if os.path.isdir(model_path) else os.path.dirname(model_path)
-    path = os.path.join(folder, "preprocessing.json")
+    path = _beside(model_path, "preprocessing.json")
     if not os.path.exists(path):
         return 1.0
     with open(path) as f:
@@ -72,8 +76,7 @@ def scored_with_tta(model_path):
     augmentation (``test_metrics.json``); False when there is no such record."""
     import json
 
-    folder = model_path if os.path.isdir(model_path) else os.path.dirname(model_path)
-    path = os.path.join(folder, "test_metrics.json")
+    path = _beside(model_path, "test_metrics.json")
     if not os.path.exists(path):
         return False
     with open(path) as f:

@@ -38,8 +38,8 @@ TF_STRATEGIES = ("mirrored", "multiworker")  # tf.distribute: the TensorFlow bac
 PIPELINES = ("auto", "tfdata", "memory")
 BACKENDS = ("tensorflow", "jax")  # Keras backends keras_resnet trains on
 ONE_CYCLE_START = 1 / 25  # one-cycle warm-up starts at this fraction of the peak LR
-LR_REFERENCE_BATCH = 128
-WHITEN_IMAGES = 512  # training images whose patches set the whitening filters  # ``lr`` is given per 128 images; scaled linearly with the batch
+LR_REFERENCE_BATCH = 128  # ``lr`` is given per 128 images; scaled linearly with the batch
+WHITEN_IMAGES = 512  # training images whose patches set the whitening filters
 # Fields that may differ when a run directory is resumed (they do not change the math).
 RESUMABLE_FIELDS = ("output_dir", "verbose", "tta_flip", "coordinator", "process_id",
                     "coordinator_timeout")
@@ -111,8 +111,7 @@ class TrainConfig:
     def augment(self):
         return AugmentConfig(
             crop_flip=self.crop_flip, crop=self.crop, crop_padding=self.crop_padding,
-            crop_scale=_pair(self.crop_scale,
-                                                                       "crop_scale"),
+            crop_scale=_pair(self.crop_scale, "crop_scale"),
             crop_ratio=_pair(self.crop_ratio, "crop_ratio"),
             rotation=self.rotation, color_jitter=self.color_jitter,
             erasing=self.erasing, mixup=self.mixup, cutmix=self.cutmix,
