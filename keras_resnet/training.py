@@ -388,10 +388,10 @@ def whiten_stem_from(config, model, train_data, splits):
     if config.strategy == "multiworker" or config.num_processes > 1:
         print("whiten_stem: skipped (several processes); the stem keeps its random start")
         return
-    set_filters = whitening.whiten_stem(model, first_images(train_data, WHITEN_IMAGES),
-                                        splits.mean, splits.std)
-    print(f"whiten_stem: {set_filters} of the stem's filters whiten "
-          f"{WHITEN_IMAGES}-image patches (frozen)")
+    images = first_images(train_data, WHITEN_IMAGES)
+    set_filters = whitening.whiten_stem(model, images, splits.mean, splits.std)
+    print(f"whiten_stem: {set_filters} of the stem's filters whiten the patches of "
+          f"{len(images)} images (frozen)")
 
 
 def _no_decay(variable):

@@ -1,7 +1,14 @@
 import os
+import shutil
 import sys
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# JAX's persistent compilation cache, shared by every JAX process the suite starts:
+# each one builds the same ResNet18, whose initializers and steps then compile once.
+JAX_CACHE = tempfile.mkdtemp(prefix="keras_resnet_jax_cache_")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", JAX_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 sys.path.insert(0, os.path.dirname(__file__))  # tests import helpers
 
 import keras
@@ -17,3 +24,7 @@ def fresh_keras_state():
     yield
     keras.config.set_dtype_policy("float32")
     keras.utils.clear_session()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(JAX_CACHE, ignore_errors=True)

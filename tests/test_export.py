@@ -135,6 +135,21 @@ def test_flip_tta_follows_the_run_into_the_artifact(model_path, tmp_path):
                         "tflite_float32", "--tta-flip", "off")
     assert result.returncode == 0, result.stderr[-3000:]
     assert not json.loads((tmp_path / "off" / "export_report.json").read_text())["tta_flip"]
+    # Both views go through the network as one batch: the file holds one pass, not two
+    # (two calls sharing each weight cost the full-int8 file 4 points; docs/recipe.md).
+    plain = P.TFLiteModel(tmp_path / "off" / "model_float32.tflite")
+    tensors = [len(m.interpreter.get_tensor_details()) for m in (tflite, plain)]
+    assert tensors[0] < 1.3 * tensors[1], tensors  # two calls: 1.6x
+
+
+@pytest.mark.parametrize("keras_top1, int8_top1, n, passed", [
+    (0.774, 0.769, 1000, True), (0.774, 0.768, 1000, False), (0.5, 0.5, 8, True),
+    (0.75, 0.625, 8, False), (150 / 300, 149 / 300, 300, True),
+    (150 / 300, 148 / 300, 300, False)])
+def test_int8_target_counts_images(keras_top1, int8_top1, n, passed):
+    """The full-int8 target (<= 0.5 point lost) in whole images: 5 of 1,000 passes."""
+    figures = {"keras_top1_accuracy": keras_top1, "top1_accuracy": int8_top1, "num_images": n}
+    assert E.check("tflite_int8", figures)[0] is passed
 
 
 @pytest.mark.slow
