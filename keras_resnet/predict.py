@@ -111,9 +111,8 @@ def flip_tta_model(model):
     exported artifact computes the figure the run reported. Costs two forward passes.
 
     Both views go through the network as one batch rather than as two calls of it:
-    with two calls every weight feeds two convolutions, and the TFLite converter then
-    leaves the BatchNorms unfolded, which costs the full-int8 file 4 points of top-1
-    (docs/recipe.md)."""
+    with two calls every weight and folded bias feeds two convolutions, and the
+    full-int8 file lost 4 points of top-1 that way (measured; docs/recipe.md)."""
     if ends_in_softmax(model):
         raise ValueError(f"tta_flip: {model.name!r} ends in a softmax; flip test-time "
                          "augmentation averages logits (a trained classifier's output)")
