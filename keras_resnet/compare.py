@@ -19,6 +19,7 @@ from keras_resnet import export
 from keras_resnet.benchmark import latency_ms
 from keras_resnet.model import build_classifier
 from keras_resnet.predict import TFLiteModel
+from keras_resnet.training import build_optimizer
 
 RESNETS = ("resnet18", "resnet34", "resnet50")
 APPLICATIONS = {
@@ -128,6 +129,7 @@ def measure(name, splits, config):
         keras.optimizers.schedules.CosineDecay(lr, steps * config.epochs), momentum=0.9),
         loss=keras.losses.CategoricalCrossentropy(from_logits=True),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+    build_optimizer(model)
     train_ds = data_lib.make_train_dataset(splits.train, config.batch_size,
                                            splits.num_classes, seed=config.seed,
                                            image_size=splits.image_size)

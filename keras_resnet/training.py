@@ -426,6 +426,15 @@ def make_optimizer(config, schedule, model):
     return keras.optimizers.Adam(schedule, **clip)
 
 
+def build_optimizer(model):
+    """Create the compiled model's optimiser variables now. Keras's TensorFlow trainer
+    (without a tf.distribute strategy) leaves that to the first traced train step, and a
+    tf.function that creates variables on its first call is traced twice: building here
+    saves one trace of the whole step (about 4 s for ResNet18 on a 2-core CPU)."""
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+
+
 def make_schedule(config, steps_per_epoch, lr):
     """The LR schedule over ``config.epochs`` (a function of the optimiser step).
 
@@ -1081,6 +1090,7 @@ def _fit(config, strategy, resuming, splits, source):
             metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
                      keras.metrics.TopKCategoricalAccuracy(5, name="top5")],
             jit_compile=jit, steps_per_execution=config.steps_per_execution)
+        build_optimizer(model)
 
     monitor = "val_accuracy" if val_data is not None else "accuracy"
     nan = {}

@@ -42,8 +42,17 @@ def smoke(folder, out, **kw):
                           validation_size=8, **kw)
 
 
-def test_smoke_run_writes_the_run_directory(folder, tmp_path):
+def test_smoke_run_writes_the_run_directory(folder, tmp_path, monkeypatch):
+    from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+
+    traces = []
+    step = TensorFlowTrainer.train_step
+    monkeypatch.setattr(TensorFlowTrainer, "train_step",
+                        lambda self, data: traces.append(1) or step(self, data))
     report = T.train(smoke(folder, tmp_path / "run", epochs=2, tta_flip=True))
+    # The optimiser is built before fit: tf.function traces the train step once, not
+    # twice (variables created on a first call make it trace again).
+    assert len(traces) == 1
     files = set(os.listdir(tmp_path / "run"))
     assert {"config.json", "best.keras", "last.keras", "history.csv", "curves.png",
             "test_metrics.json", "confusion_matrix.png", "logs"} <= files
