@@ -69,9 +69,49 @@ def conv_bn(x, filters, kernel_size, stride=1, *, name, index="", groups=1,
     return x
 
 
+@keras.saving.register_keras_serializable(package="keras_resnet")
+class FusedBatchNorm(layers.BatchNormalization):
+    """Keras's ``BatchNormalization`` whose training step, on the TensorFlow backend, is
+    TensorFlow's fused kernel (``FusedBatchNormV3``: statistics, normalisation and their
+    gradient in one oneDNN op each way).
+
+    Keras 3 composes BatchNorm from ``moments`` and element-wise ops, whose forward and
+    backward passes each read the activations several times; on CPU that was a fifth of a
+    ResNet18 training step (issue 12; ``docs/benchmarks.md``). Same weights, same
+    arithmetic (input cast to float32, biased batch variance for the moving average, the
+    same moving-average update); inference, other backends, masks and
+    ``synchronized=True`` are Keras's own path.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        if not (training and self.trainable and keras.backend.backend() == "tensorflow"
+                and mask is None and not self.synchronized and self.scale and self.center
+                and len(inputs.shape) == 4 and self.axis in (-1, 3)):
+            return super().call(inputs, training=training, mask=mask)
+        import tensorflow as tf  # the TensorFlow backend is running: already imported
+
+        x = tf.cast(inputs, "float32")  # as Keras's path: statistics in float32
+        y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+            x, self.gamma, self.beta, epsilon=self.epsilon, data_format="NHWC",
+            is_training=True)
+        # The op returns the unbiased (n - 1) batch variance; Keras averages the biased one.
+        n = tf.cast(tf.reduce_prod(tf.shape(x)[:3]), "float32")
+        variance = variance * tf.maximum(n - 1.0, 0.0) / n
+        momentum = self.momentum
+        self.moving_mean.assign(self.moving_mean * momentum + mean * (1.0 - momentum))
+        self.moving_variance.assign(
+            self.moving_variance * momentum + variance * (1.0 - momentum))
+        return tf.cast(y, self.compute_dtype)
+
+
+# The BatchNorm layer the builders use (benchmark_training.py swaps in Keras's own to
+# measure what the fused kernel gains).
+BATCH_NORM = FusedBatchNorm
+
+
 def batch_norm(x, *, name, zero_gamma=False):
     """BatchNorm with the reference epsilon and momentum."""
-    return layers.BatchNormalization(
+    return BATCH_NORM(
         epsilon=BN_EPSILON, momentum=BN_MOMENTUM,
         gamma_initializer="zeros" if zero_gamma else "ones", name=name)(x)
 

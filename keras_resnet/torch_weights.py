@@ -15,6 +15,7 @@ to one onto our layer names:
 
 import re
 
+import keras
 import numpy as np
 
 _V1_BLOCK = re.compile(r"layer(\d+)\.(\d+)\.(conv\d|bn\d|downsample\.[012])$")
@@ -150,7 +151,7 @@ def torch_state_dict(model):
         module = keras_to_torch_name(layer.name, **layout)
         values = [np.asarray(w) for w in layer.get_weights()]
         kind = type(layer).__name__
-        if kind == "BatchNormalization":
+        if isinstance(layer, keras.layers.BatchNormalization):
             for param, v in zip(("weight", "bias", "running_mean", "running_var"), values,
                                 strict=True):
                 state[f"{module}.{param}"] = v

@@ -16,9 +16,11 @@ device) and score D's test split: seconds per epoch and test top-1.
         --epochs 10 --data-dir ../shared/data/cifar10-jpeg
 
 ``--settings``: the TensorFlow backend under precision / XLA settings (what
-``--precision auto`` / ``--jit-compile auto`` are based on):
+``--precision auto`` / ``--jit-compile auto`` are based on), and ``+kerasbn`` for
+Keras's composed BatchNorm in place of the model's fused one:
 
     python scripts/benchmark_training.py --settings float32,float32+xla,bfloat16
+    python scripts/benchmark_training.py --settings float32,float32+kerasbn
 """
 
 import argparse
@@ -233,24 +235,30 @@ def settings_mode(args):
     import keras
     import tensorflow as tf
 
+    from keras_resnet import model as model_lib
     from keras_resnet import training
     from keras_resnet.model import build_classifier
 
     settings = args.settings.split(",")
     for s in settings:
-        precision, _, xla = s.partition("+")
-        if precision not in training.PRECISIONS or xla not in ("", "xla"):
+        precision, *options = s.split("+")
+        if precision not in training.PRECISIONS or not set(options) <= {"xla", "kerasbn"}:
             raise SystemExit(f"error: --settings: bad entry {s!r}")
 
     def build(setting):
-        precision, _, xla = setting.partition("+")
+        precision, *options = setting.split("+")
         keras.mixed_precision.set_global_policy(training.resolve_precision(precision))
         keras.utils.set_random_seed(0)
-        model = build_classifier("resnet18", image_size=(32, 32), num_classes=10,
-                                 mean=CIFAR_MEAN, std=CIFAR_STD, stem="cifar")
+        if "kerasbn" in options:  # Keras's composed BatchNorm instead of the fused kernel
+            model_lib.BATCH_NORM = keras.layers.BatchNormalization
+        try:
+            model = build_classifier("resnet18", image_size=(32, 32), num_classes=10,
+                                     mean=CIFAR_MEAN, std=CIFAR_STD, stem="cifar")
+        finally:
+            model_lib.BATCH_NORM = model_lib.FusedBatchNorm
         model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
                       loss=keras.losses.CategoricalCrossentropy(from_logits=True),
-                      jit_compile=xla == "xla")
+                      jit_compile="xla" in options)
         rng = np.random.default_rng(0)
         n = args.batch_size * args.steps
         x = rng.integers(0, 256, (n, 32, 32, 3)).astype("float32")
@@ -283,7 +291,8 @@ def main():
                         help="side by side with PyTorch under this Keras backend")
     parser.add_argument("--settings", default="float32,float32+xla,bfloat16",
                         help="without --backend: comma-separated float32 | bfloat16 | "
-                        "float16, optional +xla (TensorFlow backend)")
+                        "float16, optional +xla and +kerasbn (Keras's BatchNorm instead of "
+                        "the fused one; TensorFlow backend)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20, help="training steps per round")
     parser.add_argument("--rounds", type=int, default=3)

@@ -1,3 +1,4 @@
+import keras
 import numpy as np
 import pytest
 
@@ -70,10 +71,10 @@ def test_layer_names_are_stable():
 
 def test_bn_settings_and_no_conv_bias():
     model = kr.build_resnet50(input_shape=(64, 64, 3))
-    bns = [la for la in model.layers if la.__class__.__name__ == "BatchNormalization"]
+    bns = [la for la in model.layers if isinstance(la, keras.layers.BatchNormalization)]
     convs = [la for la in model.layers if la.__class__.__name__ == "Conv2D"]
     assert {(b.epsilon, b.momentum) for b in bns} == {(1e-5, 0.9)}
-    assert len(convs) == 53 and not any(c.use_bias for c in convs)
+    assert len(bns) == 53 and len(convs) == 53 and not any(c.use_bias for c in convs)
 
 
 def test_zero_init_residual():
@@ -242,3 +243,44 @@ def test_machine_names_the_cpu_and_its_speed_flags(tmp_path):
     assert line.startswith("AMD EPYC 9654, ") and line.endswith(
         "flags: avx2 fma avx512f avx512_bf16")
     assert "unknown CPU" in machine(str(tmp_path / "none"))
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_fused_batchnorm_trains_as_keras_batchnorm(policy):
+    """The model's BatchNorm runs TensorFlow's fused kernel in training and gives Keras's
+    outputs, gradients and moving statistics; inference is Keras's own path."""
+    import tensorflow as tf
+
+    from keras_resnet.model import FusedBatchNorm
+
+    keras.config.set_dtype_policy(policy)
+    x = np.random.default_rng(0).normal(2.0, 3.0, (4, 6, 6, 5)).astype("float32")
+    weights = np.arange(5, dtype="float32")
+    layers = [keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5),
+              FusedBatchNorm(momentum=0.9, epsilon=1e-5)]
+    results = []
+    for layer in layers:
+        layer.build(x.shape)
+        layer.gamma.assign(np.linspace(0.5, 1.5, 5))
+        layer.beta.assign(np.linspace(-1.0, 1.0, 5))
+        inputs = tf.cast(tf.constant(x), layer.compute_dtype)
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            y = layer(inputs, training=True)
+            loss = tf.reduce_sum(tf.cast(y, "float32") ** 2 * weights)
+        grads = tape.gradient(loss, [inputs, layer.gamma, layer.beta])
+        results.append([np.asarray(tf.cast(t, "float32")) for t in (y, *grads)]
+                       + [layer.moving_mean.numpy(), layer.moving_variance.numpy(),
+                          np.asarray(tf.cast(layer(inputs, training=False), "float32"))])
+        assert y.dtype == layer.compute_dtype
+    assert np.abs(results[1][3]).max() > 1  # the gamma gradient is not trivially zero
+    tol = 1e-5 if policy == "float32" else 1e-2  # bfloat16 outputs: 8 bits of mantissa
+    for keras_value, fused_value in zip(*results, strict=True):
+        scale = max(1.0, float(np.abs(keras_value).max()))
+        np.testing.assert_allclose(fused_value, keras_value, atol=tol * scale)
+    graph = tf.function(lambda t: layers[1](t, training=True)).get_concrete_function(
+        tf.TensorSpec(x.shape, layers[1].compute_dtype)).graph
+    assert any(op.type.startswith("FusedBatchNorm") for op in graph.get_operations())
+    model = kr.build_resnet18(stem="cifar", input_shape=(32, 32, 3), classes=10)
+    bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(bns) == 20 and all(isinstance(layer, FusedBatchNorm) for layer in bns)
