@@ -96,22 +96,15 @@ class FusedBatchNorm(layers.BatchNormalization):
             is_training=True)
         # The op returns the unbiased (n - 1) batch variance; Keras averages the biased one.
         n = tf.cast(tf.reduce_prod(tf.shape(x)[:3]), "float32")
-        variance = variance * tf.maximum(n - 1.0, 0.0) / n
-        momentum = self.momentum
-        self.moving_mean.assign(self.moving_mean * momentum + mean * (1.0 - momentum))
-        self.moving_variance.assign(
-            self.moving_variance * momentum + variance * (1.0 - momentum))
+        variance = variance * (n - 1.0) / n
+        for stat, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):
+            stat.assign(stat * self.momentum + batch * (1.0 - self.momentum))
         return tf.cast(y, self.compute_dtype)
-
-
-# The BatchNorm layer the builders use (benchmark_training.py swaps in Keras's own to
-# measure what the fused kernel gains).
-BATCH_NORM = FusedBatchNorm
 
 
 def batch_norm(x, *, name, zero_gamma=False):
     """BatchNorm with the reference epsilon and momentum."""
-    return BATCH_NORM(
+    return FusedBatchNorm(
         epsilon=BN_EPSILON, momentum=BN_MOMENTUM,
         gamma_initializer="zeros" if zero_gamma else "ones", name=name)(x)
 

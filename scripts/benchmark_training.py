@@ -235,9 +235,8 @@ def settings_mode(args):
     import keras
     import tensorflow as tf
 
-    from keras_resnet import model as model_lib
     from keras_resnet import training
-    from keras_resnet.model import build_classifier
+    from keras_resnet.model import FusedBatchNorm, build_classifier
 
     settings = args.settings.split(",")
     for s in settings:
@@ -249,13 +248,12 @@ def settings_mode(args):
         precision, *options = setting.split("+")
         keras.mixed_precision.set_global_policy(training.resolve_precision(precision))
         keras.utils.set_random_seed(0)
-        if "kerasbn" in options:  # Keras's composed BatchNorm instead of the fused kernel
-            model_lib.BATCH_NORM = keras.layers.BatchNormalization
-        try:
-            model = build_classifier("resnet18", image_size=(32, 32), num_classes=10,
-                                     mean=CIFAR_MEAN, std=CIFAR_STD, stem="cifar")
-        finally:
-            model_lib.BATCH_NORM = model_lib.FusedBatchNorm
+        model = build_classifier("resnet18", image_size=(32, 32), num_classes=10,
+                                 mean=CIFAR_MEAN, std=CIFAR_STD, stem="cifar")
+        if "kerasbn" in options:  # the same model with Keras's composed BatchNorm
+            model = keras.models.clone_model(model, clone_function=lambda layer: (
+                keras.layers.BatchNormalization if isinstance(layer, FusedBatchNorm)
+                else type(layer)).from_config(layer.get_config()))
         model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
                       loss=keras.losses.CategoricalCrossentropy(from_logits=True),
                       jit_compile="xla" in options)
