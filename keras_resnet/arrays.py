@@ -163,10 +163,12 @@ class BatchFeed(keras.utils.PyDataset):
     ``shuffle``: a fresh seeded order each epoch, the last partial batch dropped
     (every step the same size, as the tf.data pipeline). Else in order, all
     images. ``labels=None`` yields images only (for ``predict``).
+    ``alternate_flip``: the first epoch mirrors a random half of the images, each
+    later epoch the images the one before did not (``data.alternating_flip``).
     """
 
     def __init__(self, images, labels, batch_size, num_classes, *, shuffle=False, seed=0,
-                 workers=2):
+                 workers=2, alternate_flip=False):
         super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=8)
         if batch_size < 1:
             raise ValueError(f"batch_size: got {batch_size}; must be >= 1")
@@ -175,6 +177,8 @@ class BatchFeed(keras.utils.PyDataset):
         self.rng = np.random.default_rng(seed)
         self.one_hot = np.eye(num_classes, dtype=np.float32)
         self.order = self.rng.permutation(len(images)) if shuffle else None
+        self.mirror_first = (self.rng.random(len(images)) < 0.5) if alternate_flip else None
+        self.epoch = 0
 
     def __len__(self):
         if self.shuffle:
@@ -185,10 +189,14 @@ class BatchFeed(keras.utils.PyDataset):
         window = slice(index * self.batch_size, (index + 1) * self.batch_size)
         picked = self.order[window] if self.shuffle else window
         images = self.images[picked].astype(np.float32)
+        if self.mirror_first is not None:
+            mirror = self.mirror_first[picked] ^ bool(self.epoch % 2)
+            images[mirror] = images[mirror, :, ::-1]
         if self.labels is None:
             return images
         return images, self.one_hot[self.labels[picked]]
 
     def on_epoch_end(self):
+        self.epoch += 1
         if self.shuffle:
             self.order = self.rng.permutation(len(self.images))

@@ -27,6 +27,8 @@ class AugmentConfig:
     cutmix: float = 0.0           # Beta(alpha, alpha) of cutmix; 0 = off
     randaugment: int = 0          # RandAugment ops per image; 0 = off
     randaugment_magnitude: float = 0.5  # RandAugment strength 0..1
+    alternate_flip: bool = False  # mirror each image in every other pass instead of at
+    #                               random (the first pass mirrors a random half)
     in_model: bool = False        # run the image augmentations inside the model
 
     def __post_init__(self):
@@ -39,6 +41,9 @@ class AugmentConfig:
                 raise ValueError(f"augment.{field}: got {getattr(self, field)}; must be <= 1")
         if self.mixup and self.cutmix:
             raise ValueError("augment: mixup and cutmix are exclusive; set one of them to 0")
+        if self.alternate_flip and not self.crop_flip:
+            raise ValueError("augment.alternate_flip: needs crop_flip (it replaces the random "
+                             "flip); turn crop_flip on or alternate_flip off")
         if self.crop not in ("pad", "resized"):
             raise ValueError(f"augment.crop: got {self.crop!r}; allowed: pad, resized")
         for field, top in (("crop_scale", 1.0), ("crop_ratio", None)):
@@ -99,7 +104,9 @@ def build_augmenter(config, image_size, seed=None):
     if config.crop_flip and config.crop == "pad":
         aug.append(RandomPadCrop(config.crop_padding, seed=seed, dtype="float32",
                                  name="aug_crop"))
-    if config.crop_flip:  # the "resized" crop happens per image, before batching
+    # The "resized" crop happens per image, before batching; so does the alternating flip,
+    # which needs to know each image (make_train_dataset, arrays.BatchFeed).
+    if config.crop_flip and not config.alternate_flip:
         aug.append(layers.RandomFlip("horizontal", seed=seed, dtype="float32",
                                      name="aug_flip"))
     if config.rotation:

@@ -340,7 +340,9 @@ def make_train_dataset(ds, batch_size, num_classes, *, augment=None, seed=0,
         raise ValueError(f"batch_size: got {batch_size}; must be >= 1")
     augment = augment or AugmentConfig()
     image_size = tuple(image_size or ds.element_spec[0].shape[:2])
-    if shuffle_buffer:
+    if augment.crop_flip and augment.alternate_flip:
+        ds = alternating_flip(ds, seed, shuffle_buffer)
+    elif shuffle_buffer:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     if augment.crop == "resized":
         if augment.crop_flip:
@@ -373,6 +375,32 @@ def make_train_dataset(ds, batch_size, num_classes, *, augment=None, seed=0,
                keras.layers.CutMix(factor=augment.cutmix, seed=seed, dtype="float32"))
         ds = ds.map(lambda x, y: _mix(mix, x, y))
     return ds.prefetch(AUTOTUNE)
+
+
+def alternating_flip(ds, seed, shuffle_buffer):
+    """Endless passes over ``ds``, each shuffled, in which each image's mirror alternates:
+    the first pass mirrors a random half (drawn per image from ``seed``), every later
+    pass mirrors exactly the images the pass before did not (airbench's "alternating
+    flip": over a few epochs every image is seen both ways). Keras's ``RandomFlip``
+    draws anew per call and does not know the image, so this is done here. A resumed
+    run starts again at the first pass's half.
+    """
+    if not shuffle_buffer:
+        raise ValueError("alternate_flip: needs a source held in memory or cached (it tells "
+                         "images apart by their position); this one streams its files")
+    # Created once, iterated once per pass: its seed generator gives each pass a new order.
+    shuffled = ds.enumerate().shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+
+    def one_pass(n):
+        def flip(i, example):
+            image, label = example
+            first = tf.random.stateless_uniform([], seed=tf.stack([tf.cast(seed, tf.int64), i]))
+            mirror = tf.math.logical_xor(first < 0.5, tf.equal(n % 2, 1))
+            return tf.cond(mirror, lambda: tf.reverse(image, axis=[1]), lambda: image), label
+
+        return shuffled.map(flip, num_parallel_calls=AUTOTUNE)
+
+    return tf.data.Dataset.counter().flat_map(one_pass)
 
 
 def _mix(layer, images, labels):

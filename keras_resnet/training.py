@@ -31,7 +31,7 @@ from keras_resnet.model import MODELS, STEMS, build_classifier, build_model
 from keras_resnet.sources import unknown_length_ok
 
 OPTIMIZERS = ("sgd", "nesterov", "rmsprop", "adam", "adamw")
-SCHEDULES = ("constant", "step", "cosine", "onecycle")
+SCHEDULES = ("constant", "step", "cosine", "onecycle", "linear")
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 STRATEGIES = ("default", "mirrored", "multiworker", "data-parallel")
 TF_STRATEGIES = ("mirrored", "multiworker")  # tf.distribute: the TensorFlow backend
@@ -62,16 +62,19 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4         # L2 as in PyTorch (decoupled for adamw)
     decay_bn_and_bias: bool = False    # also decay BatchNorm parameters and biases
-    schedule: str = "onecycle"         # constant | step | cosine | onecycle
-    warmup_epochs: float = 0.5         # linear warm-up (cosine, onecycle), in epochs
+    schedule: str = "onecycle"         # constant | step | cosine | onecycle | linear
+    warmup_epochs: float = 0.5         # linear warm-up (cosine, onecycle, linear), in epochs
     step_milestones: str = "0.5,0.75"  # step decay at these fractions of the run
     step_gamma: float = 0.1            # step decay factor
     label_smoothing: float = 0.1
     clipnorm: float = 0.0              # gradient clipping by global norm; 0 = off
+    ema: float = 0.0                   # EMA of the weights (momentum per step); 0 = off
+    bias_lr_scale: float = 1.0         # LR multiplier of BatchNorm betas and biases
     zero_init_residual: bool = True    # last BN gamma of each block starts at 0
     whiten_stem: bool = True           # stem conv starts as frozen patch-whitening filters
     image_size: int | None = None      # image folders: N x N input; None = the most common size
     crop_flip: bool = True             # random crop + horizontal flip
+    alternate_flip: bool = False       # flip each image in every other pass (airbench)
     crop: str = "pad"                  # pad: pad-and-crop (CIFAR) | resized: random
     #                                    resized crop (ImageNet recipe)
     crop_padding: int = 2              # pad crop: pixels of zero padding (max shift)
@@ -110,7 +113,8 @@ class TrainConfig:
 
     def augment(self):
         return AugmentConfig(
-            crop_flip=self.crop_flip, crop=self.crop, crop_padding=self.crop_padding,
+            crop_flip=self.crop_flip, alternate_flip=self.alternate_flip, crop=self.crop,
+            crop_padding=self.crop_padding,
             crop_scale=_pair(self.crop_scale, "crop_scale"),
             crop_ratio=_pair(self.crop_ratio, "crop_ratio"),
             rotation=self.rotation, color_jitter=self.color_jitter,
@@ -135,6 +139,8 @@ class TrainConfig:
             ("step_gamma", 0 < self.step_gamma <= 1, "in (0, 1]"),
             ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
             ("clipnorm", self.clipnorm >= 0, ">= 0"),
+            ("ema", 0 <= self.ema < 1, "in [0, 1)"),
+            ("bias_lr_scale", self.bias_lr_scale > 0, "> 0"),
             ("validation_size", self.validation_size is None or (
                 _is_int(self.validation_size) and self.validation_size >= 0),
              "an integer >= 0, or None for a tenth of the training images"),
@@ -405,25 +411,60 @@ def make_optimizer(config, schedule, model):
     For SGD / RMSprop / Adam it is PyTorch-style L2 (``wd * w`` added to the
     gradient, so momentum carries it): Keras's ``weight_decay`` argument is
     decoupled, which for SGD with momentum is ~10x weaker at the same value.
-    AdamW uses Keras's decoupled decay, which is what AdamW means.
+    AdamW uses Keras's decoupled decay, which is what AdamW means. ``ema`` is
+    Keras's own weight averaging (``use_ema``); ``bias_lr_scale`` multiplies the
+    LR of BatchNorm betas and biases.
     """
     skip = [] if config.decay_bn_and_bias else [v for v in model.trainable_weights
                                                  if _no_decay(v)]
     decayed = [v for v in model.trainable_weights if not any(v is s for s in skip)]
-    clip = {"global_clipnorm": config.clipnorm} if config.clipnorm else {}
+    extra = {"global_clipnorm": config.clipnorm} if config.clipnorm else {}
+    if config.ema:
+        extra.update(use_ema=True, ema_momentum=config.ema)
     if config.optimizer == "adamw":
-        opt = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay, **clip)
+        opt = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay, **extra)
         opt.exclude_from_weight_decay(var_list=skip)
-        return opt
-    if config.weight_decay:
-        for v in decayed:
-            v.regularizer = keras.regularizers.L2(config.weight_decay / 2)
-    if config.optimizer in ("sgd", "nesterov"):
-        return keras.optimizers.SGD(schedule, momentum=config.momentum,
-                                    nesterov=config.optimizer == "nesterov", **clip)
-    if config.optimizer == "rmsprop":
-        return keras.optimizers.RMSprop(schedule, momentum=config.momentum, **clip)
-    return keras.optimizers.Adam(schedule, **clip)
+    else:
+        if config.weight_decay:
+            for v in decayed:
+                v.regularizer = keras.regularizers.L2(config.weight_decay / 2)
+        if config.optimizer in ("sgd", "nesterov"):
+            opt = keras.optimizers.SGD(schedule, momentum=config.momentum,
+                                       nesterov=config.optimizer == "nesterov", **extra)
+        elif config.optimizer == "rmsprop":
+            opt = keras.optimizers.RMSprop(schedule, momentum=config.momentum, **extra)
+        else:
+            opt = keras.optimizers.Adam(schedule, **extra)
+    if config.bias_lr_scale != 1:
+        scale_lr(opt, lambda v: config.bias_lr_scale if _path(v).endswith(("/beta", "/bias"))
+                 else None)
+    return opt
+
+
+def _path(variable):
+    """A Keras variable's path; inside ``update_step`` on TensorFlow the variable is the
+    tf.Variable, whose name is the path plus ":0"."""
+    return getattr(variable, "path", None) or variable.name.split(":")[0]
+
+
+def scale_lr(optimizer, factor):
+    """Multiply each variable's learning rate by ``factor(variable)`` (None: unscaled),
+    as PyTorch's parameter groups do.
+
+    Keras optimisers have one learning rate; each applies it per variable in
+    ``update_step(gradient, variable, learning_rate)``, so wrapping that method
+    of this instance scales it per variable.
+    """
+    base = optimizer.update_step
+
+    def update_step(gradient, variable, learning_rate):
+        f = factor(variable)
+        if f is not None:
+            learning_rate = learning_rate * keras.ops.cast(f, learning_rate.dtype)
+        return base(gradient, variable, learning_rate)
+
+    optimizer.update_step = update_step
+    return optimizer
 
 
 def build_optimizer(model):
@@ -450,9 +491,36 @@ def make_schedule(config, steps_per_epoch, lr):
         bounds = [int(float(m) * total) for m in config.step_milestones.split(",")]
         values = [lr * config.step_gamma ** i for i in range(len(bounds) + 1)]
         return keras.optimizers.schedules.PiecewiseConstantDecay(bounds, values)
+    if config.schedule == "linear":
+        return Triangular(lr, total, warmup)
     start = lr * ONE_CYCLE_START if config.schedule == "onecycle" else 0.0
     return keras.optimizers.schedules.CosineDecay(
         start, total - warmup, warmup_target=lr, warmup_steps=warmup)
+
+
+@keras.saving.register_keras_serializable("keras_resnet")
+class Triangular(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up from ``peak * ONE_CYCLE_START`` to ``peak`` over ``warmup_steps``,
+    then linear decay to 0 at ``total_steps``: the "linear" schedule, which short
+    budgets favour over cosine (Li et al., "Budgeted training", 2020). Keras's
+    ``PolynomialDecay`` has no warm-up and ``CosineDecay``'s decay is a cosine, so
+    this is written here.
+    """
+
+    def __init__(self, peak, total_steps, warmup_steps):
+        self.peak, self.total_steps, self.warmup_steps = peak, total_steps, warmup_steps
+
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32")
+        start = self.peak * ONE_CYCLE_START
+        up = (start + (self.peak - start) * step / self.warmup_steps if self.warmup_steps
+              else self.peak)
+        down = self.peak * (self.total_steps - step) / max(self.total_steps - self.warmup_steps, 1)
+        return keras.ops.clip(keras.ops.minimum(up, down), 0.0, self.peak)
+
+    def get_config(self):
+        return {"peak": self.peak, "total_steps": self.total_steps,
+                "warmup_steps": self.warmup_steps}
 
 
 @keras.saving.register_keras_serializable("keras_resnet")
@@ -741,25 +809,15 @@ def set_trainable(model, mode, unfreeze_stages=1):
 
 def scale_backbone_lr(optimizer, scale, head_steps=0):
     """Give the backbone ``scale`` x the head's learning rate (0 in the first
-    ``head_steps``), as PyTorch's parameter groups do.
+    ``head_steps``)."""
+    def factor(variable):
+        if any(part.startswith(HEAD_LAYERS) for part in _path(variable).split("/")):
+            return None
+        if head_steps:
+            return keras.ops.where(optimizer.iterations >= head_steps, scale, 0.0)
+        return scale
 
-    Keras optimisers have one learning rate; each applies it per variable in
-    ``update_step(gradient, variable, learning_rate)``, so wrapping that method
-    of this instance scales it for every variable outside the head.
-    """
-    base = optimizer.update_step
-
-    def update_step(gradient, variable, learning_rate):
-        name = getattr(variable, "path", None) or variable.name
-        if not any(part.startswith(HEAD_LAYERS) for part in name.split("/")):
-            factor = scale
-            if head_steps:
-                factor = keras.ops.where(optimizer.iterations >= head_steps, scale, 0.0)
-            learning_rate = learning_rate * keras.ops.cast(factor, learning_rate.dtype)
-        return base(gradient, variable, learning_rate)
-
-    optimizer.update_step = update_step
-    return optimizer
+    return scale_lr(optimizer, factor)
 
 
 def finetune_classifier(config, splits, source=None):
@@ -978,7 +1036,8 @@ def make_feeds(config, strategy, splits, global_batch):
     if pipeline_of(config) == "memory":
         batch = global_batch // getattr(strategy, "num_processes", 1)
         train = arrays.BatchFeed(*splits.train, batch, splits.num_classes, shuffle=True,
-                                 seed=config.seed)
+                                 seed=config.seed,
+                                 alternate_flip=config.augment().alternate_flip)
         val = (arrays.BatchFeed(*splits.validation, batch, splits.num_classes)
                if splits.validation is not None else None)
         return train, val
@@ -1121,8 +1180,11 @@ def _fit(config, strategy, resuming, splits, source):
         keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: nan.update(
             current=epoch), on_train_batch_end=note_nan),
     ]
+    # With --ema, validation and the two checkpoints see the averaged weights; the
+    # backup, before the swap, keeps the raw ones (and the average in the optimiser).
+    ema = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if config.ema else []
     if not chief:  # restores process 0's backup; writes nothing
-        callbacks = [RestoreOnly(backup, delete_checkpoint=False), clock_cb, *common]
+        callbacks = [RestoreOnly(backup, delete_checkpoint=False), *ema, clock_cb, *common]
     else:
         callbacks = [
             clock_cb,
@@ -1133,6 +1195,7 @@ def _fit(config, strategy, resuming, splits, source):
             # them. double_checkpoint keeps the previous one should a kill hit a save.
             keras.callbacks.BackupAndRestore(backup, delete_checkpoint=False,
                                              double_checkpoint=True),
+            *ema,
             keras.callbacks.ModelCheckpoint(os.path.join(out, "best.keras"), monitor=monitor,
                                             mode="max", save_best_only=True),
             keras.callbacks.ModelCheckpoint(os.path.join(out, "last.keras")),

@@ -173,7 +173,58 @@ def test_cutmix_and_in_model():
     assert [la.name for la in aug.layers] == ["aug_crop", "aug_flip"]
 
 
+def marked_images(n):
+    """n images whose left column holds their number: a mirrored one has it on the right."""
+    images = np.zeros((n, 4, 4, 1), np.uint8)
+    images[:, :, 0, 0] = np.arange(1, n + 1)[:, None]
+    return images
+
+
+def mirrored_per_pass(batches_of, n, passes):
+    """[{image number: mirrored?}] per pass, from (image, one-hot label) batches."""
+    seen = []
+    for x, y in batches_of:
+        for image, label in zip(np.asarray(x), np.asarray(y), strict=True):
+            i = int(label.argmax())
+            assert image[0, 0, 0] == i + 1 or image[0, -1, 0] == i + 1
+            seen.append((i, bool(image[0, -1, 0] == i + 1)))
+    out = []
+    for p in range(passes):
+        one = seen[p * n:(p + 1) * n]
+        assert sorted(i for i, _ in one) == list(range(n))  # each image once per pass
+        out.append(dict(one))
+    return out, [[i for i, _ in seen[p * n:(p + 1) * n]] for p in range(passes)]
+
+
+def test_alternating_flip_mirrors_each_image_every_other_pass():
+    n = 16
+    ds = tf.data.Dataset.from_tensor_slices((marked_images(n), np.arange(n, dtype="int32")))
+    aug = D.AugmentConfig(crop_padding=0, alternate_flip=True)
+    train = D.make_train_dataset(ds, 4, n, augment=aug, seed=3, shuffle_buffer=n)
+    flips, orders = mirrored_per_pass(train.take(3 * n // 4).as_numpy_iterator(), n, 3)
+    assert 0 < sum(flips[0].values()) < n  # the first pass mirrors some, not all
+    for i in range(n):
+        assert flips[1][i] != flips[0][i] and flips[2][i] == flips[0][i]
+    assert orders[0] != orders[1]  # each pass is shuffled anew
+    assert D.build_augmenter(aug, (4, 4)).layers[-1].name == "aug_crop"  # no random flip
+    # The memory pipeline (arrays.BatchFeed) alternates the same way.
+    from keras_resnet import arrays
+
+    feed = arrays.BatchFeed(marked_images(n), np.arange(n), 4, n, shuffle=True, seed=3,
+                            alternate_flip=True)
+    batches_of = []
+    for _ in range(3):
+        batches_of += [feed[i] for i in range(len(feed))]
+        feed.on_epoch_end()
+    flips, _ = mirrored_per_pass(batches_of, n, 3)
+    assert 0 < sum(flips[0].values()) < n
+    assert all(flips[1][i] != flips[0][i] and flips[2][i] == flips[0][i] for i in range(n))
+    with pytest.raises(ValueError, match="alternate_flip: needs a source held in memory"):
+        D.make_train_dataset(ds, 4, n, augment=aug, shuffle_buffer=0)
+
+
 @pytest.mark.parametrize("kwargs, match", [
+    ({"crop_flip": False, "alternate_flip": True}, "alternate_flip: needs crop_flip"),
     ({"erasing": 1.5}, "erasing"), ({"rotation": -1}, "rotation"),
     ({"mixup": 0.2, "cutmix": 0.2}, "exclusive")])
 def test_bad_augment_config(kwargs, match):

@@ -82,6 +82,22 @@ def test_smoke_run_writes_the_run_directory(folder, tmp_path, monkeypatch):
     assert keras.config.dtype_policy().name == "float32"  # train() restored the policy
 
 
+def test_ema_checkpoints_hold_the_average_and_the_backup_the_raw_weights(folder, tmp_path):
+    """With ``ema``, best.keras and last.keras hold the averaged weights; the backup
+    (what a resume loads) holds the raw weights and, in the optimiser, that average."""
+    T.train(smoke(folder, tmp_path / "run", epochs=2, ema=0.5, schedule="linear",
+                  bias_lr_scale=2.0, alternate_flip=True))
+    last = keras.saving.load_model(tmp_path / "run" / "last.keras")
+    averaged = [v.numpy() for v in last.trainable_variables]
+    last.load_weights(tmp_path / "run" / "backup" / "latest.weights.h5")
+    raw = [v.numpy() for v in last.trainable_variables]
+    ema = [v.numpy() for v in last.optimizer._model_variables_moving_average]
+    for a, e in zip(averaged, ema, strict=True):
+        np.testing.assert_array_equal(a, e)
+    assert sum(not np.array_equal(a, r) for a, r in zip(averaged, raw, strict=True)) > 20
+    assert int(last.optimizer.iterations.numpy()) == 2 * (48 - 8) // 8  # smoke batch 8
+
+
 @pytest.mark.slow
 def test_resume_after_kill_mid_epoch(folder, tmp_path):
     out = tmp_path / "run"
@@ -172,7 +188,9 @@ def test_resume_with_other_config_is_refused(folder, tmp_path):
     (["--epochs", "-1"], "epochs: got -1"),
     (["--batch-size", "0"], "batch_size: got 0"),
     (["--optimizer", "lamb"], "optimizer: got 'lamb'"),
-    (["--schedule", "linear"], "schedule: got 'linear'"),
+    (["--schedule", "exponential"], "schedule: got 'exponential'"),
+    (["--ema", "1"], "ema: got 1.0; must be in [0, 1)"),
+    (["--bias-lr-scale", "0"], "bias_lr_scale: got 0.0; must be > 0"),
     (["--model", "resnet17"], "model: got 'resnet17'"),
     (["--data-dir", "/no/such/dir"], "data_dir: '/no/such/dir' is not a directory"),
     (["--output-dir", "/etc/hostname/run"], "output_dir: cannot write to"),
@@ -211,6 +229,14 @@ def test_schedules():
     step = schedule_at(T.TrainConfig(epochs=10, schedule="step"), 100, 0.1, [0, 499, 501, 751])
     np.testing.assert_allclose(step, [0.1, 0.1, 0.01, 0.001], rtol=1e-5)
     assert schedule_at(T.TrainConfig(schedule="constant"), 100, 0.3, [0, 999]) == [0.3, 0.3]
+    linear = T.TrainConfig(epochs=10, warmup_epochs=1, schedule="linear")
+    np.testing.assert_allclose(schedule_at(linear, 100, 0.2, [0, 50, 100, 550, 1000, 1100]),
+                               [0.2 / 25, (0.2 / 25 + 0.2) / 2, 0.2, 0.1, 0.0, 0.0], atol=1e-6)
+    saved = keras.saving.serialize_keras_object(T.make_schedule(linear, 100, 0.2))
+    assert saved["registered_name"] == "keras_resnet>Triangular"
+    assert float(keras.saving.deserialize_keras_object(saved)(550)) == pytest.approx(0.1)
+    no_warmup = T.TrainConfig(epochs=10, warmup_epochs=0, schedule="linear")
+    np.testing.assert_allclose(schedule_at(no_warmup, 100, 0.2, [0, 500]), [0.2, 0.1], atol=1e-6)
 
 
 def test_runs_of_version_0_1_load_their_one_cycle_schedule():
@@ -245,6 +271,22 @@ def test_weight_decay_skips_bn_and_bias():
     opt.apply_gradients([(np.zeros(v.shape, "float32"), v) for v in (gamma, kernel)])
     np.testing.assert_array_equal(gamma.numpy(), 1.0)
     np.testing.assert_allclose(kernel.numpy(), before * (1 - 0.1 * 0.05), rtol=1e-6)
+
+
+def test_bias_lr_scale_and_ema():
+    """``bias_lr_scale`` multiplies the step of BN betas and biases only; ``ema`` keeps
+    Keras's moving average of every trainable weight in the optimiser."""
+    model = cifar_classifier()
+    config = T.TrainConfig(optimizer="sgd", momentum=0.0, weight_decay=0.0, bias_lr_scale=4.0,
+                           ema=0.9)
+    opt = T.make_optimizer(config, 0.1, model)
+    assert opt.use_ema and opt.ema_momentum == 0.9
+    layers = [model.get_layer("stem_bn1").beta, model.get_layer("stem_bn1").gamma,
+              model.get_layer("predictions").bias, model.get_layer("predictions").kernel]
+    before = [v.numpy() for v in layers]
+    opt.apply_gradients([(np.ones(v.shape, "float32"), v) for v in layers])
+    steps = [float(np.mean(b - v.numpy())) for b, v in zip(before, layers)]
+    np.testing.assert_allclose(steps, [0.4, 0.1, 0.4, 0.1], rtol=1e-5)
 
 
 def test_precision_choice(tmp_path, monkeypatch):
