@@ -15,6 +15,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -30,7 +31,7 @@ from keras_resnet.augment import AugmentConfig, build_augmenter
 from keras_resnet.model import MODELS, STEMS, build_classifier, build_model
 from keras_resnet.sources import unknown_length_ok
 
-OPTIMIZERS = ("sgd", "nesterov", "rmsprop", "adam", "adamw")
+OPTIMIZERS = ("sgd", "nesterov", "rmsprop", "adam", "adamw", "muon")
 SCHEDULES = ("constant", "step", "cosine", "onecycle", "linear")
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 STRATEGIES = ("default", "mirrored", "multiworker", "data-parallel")
@@ -57,10 +58,10 @@ class TrainConfig:
     output_dir: str = "runs/resnet18_cifar10"  # run directory; the same one resumes
     epochs: int = 30
     batch_size: int = 128              # per replica; global = batch_size * replicas
-    optimizer: str = "nesterov"        # sgd | nesterov | rmsprop | adam | adamw
+    optimizer: str = "nesterov"        # sgd | nesterov | rmsprop | adam | adamw | muon
     lr: float = 0.4                    # peak LR per 128 images (linear scaling)
     momentum: float = 0.9
-    weight_decay: float = 5e-4         # L2 as in PyTorch (decoupled for adamw)
+    weight_decay: float = 5e-4         # L2 as in PyTorch (decoupled for adamw, muon)
     decay_bn_and_bias: bool = False    # also decay BatchNorm parameters and biases
     schedule: str = "onecycle"         # constant | step | cosine | onecycle | linear
     warmup_epochs: float = 0.5         # linear warm-up (cosine, onecycle, linear), in epochs
@@ -421,8 +422,12 @@ def make_optimizer(config, schedule, model):
     extra = {"global_clipnorm": config.clipnorm} if config.clipnorm else {}
     if config.ema:
         extra.update(use_ema=True, ema_momentum=config.ema)
-    if config.optimizer == "adamw":
-        opt = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay, **extra)
+    if config.optimizer in ("adamw", "muon"):
+        opt = (keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay, **extra)
+               if config.optimizer == "adamw" else
+               ConvMuon(schedule, weight_decay=config.weight_decay,
+                        adam_weight_decay=config.weight_decay, momentum=config.momentum,
+                        exclude_layers=list(HEAD_LAYERS), **extra))
         opt.exclude_from_weight_decay(var_list=skip)
     else:
         if config.weight_decay:
@@ -439,6 +444,30 @@ def make_optimizer(config, schedule, model):
         scale_lr(opt, lambda v: config.bias_lr_scale if _path(v).endswith(("/beta", "/bias"))
                  else None)
     return opt
+
+
+class ConvMuon(keras.optimizers.Muon):
+    """Keras's Muon, which orthogonalises the momentum of 2-D kernels only (a conv kernel
+    gets its AdamW step), extended to conv kernels: each (kh, kw, in, out) kernel is
+    flattened to a (kh * kw * in, out) matrix for the Newton-Schulz iteration, as
+    Muon's reference does for CNNs (airbench). BatchNorm parameters, biases and the
+    ``exclude_layers`` (the classifier) keep the AdamW step.
+    """
+
+    def _should_use_adamw(self, variable):
+        if len(variable.shape) == 4:
+            return any(re.search(k, variable.path) for k in self.exclude_layers)
+        return super()._should_use_adamw(variable)
+
+    def _muon_update_step(self, gradient, variable, lr, m):
+        if len(variable.shape) != 4:
+            return super()._muon_update_step(gradient, variable, lr, m)
+        self.assign_add(m, keras.ops.add(gradient, m * (self.momentum - 1)))
+        g = keras.ops.add(gradient, self.momentum * m) if self.nesterov else m
+        update = self.zeropower_via_newtonschulz5(
+            keras.ops.reshape(g, (-1, variable.shape[-1])), self.ns_steps)
+        self.assign_sub(variable, keras.ops.reshape(self.lr_adjust(lr * update),
+                                                    variable.shape))
 
 
 def _path(variable):

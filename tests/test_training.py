@@ -289,6 +289,23 @@ def test_bias_lr_scale_and_ema():
     np.testing.assert_allclose(steps, [0.4, 0.1, 0.4, 0.1], rtol=1e-5)
 
 
+def test_muon_orthogonalises_conv_kernels_and_leaves_the_rest_to_adamw():
+    model = cifar_classifier()
+    opt = T.make_optimizer(T.TrainConfig(optimizer="muon", weight_decay=0.0), 1e-3, model)
+    opt.build(model.trainable_variables)
+    conv = model.get_layer("stage1_block1_conv1").kernel
+    head, gamma = model.get_layer("predictions").kernel, model.get_layer("stem_bn1").gamma
+    assert [opt._should_use_adamw(v) for v in (conv, head, gamma)] == [False, True, True]
+    before = conv.numpy()
+    opt.apply_gradients([(np.random.default_rng(0).normal(size=conv.shape).astype("float32"),
+                          conv)])
+    # Keras's Muon would take an AdamW step here: every element moves by ~lr. Newton-Schulz
+    # instead makes the flattened (576, 64) update close to orthogonal: its singular
+    # values lie within a factor of 2 of each other.
+    singular = np.linalg.svd((before - conv.numpy()).reshape(-1, 64), compute_uv=False)
+    assert singular.max() / singular.min() < 2 and singular.min() > 0
+
+
 def test_precision_choice(tmp_path, monkeypatch):
     with_bf16, without = tmp_path / "bf16", tmp_path / "plain"
     with_bf16.write_text("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n")
@@ -307,7 +324,7 @@ def test_precision_choice(tmp_path, monkeypatch):
     assert T.resolve_precision("auto") == "float32"
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "rmsprop", "adam", "adamw"])
+@pytest.mark.parametrize("optimizer", ["sgd", "rmsprop", "adam", "adamw", "muon"])
 def test_every_optimizer_takes_a_finite_step(optimizer):
     config = T.TrainConfig(optimizer=optimizer, clipnorm=1.0, weight_decay=5e-4)
     # A conv-BN-dense network: the optimiser and its decay rules, without ResNet's trace time.
