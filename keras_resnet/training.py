@@ -58,10 +58,12 @@ class TrainConfig:
     output_dir: str = "runs/resnet18_cifar10"  # run directory; the same one resumes
     epochs: int = 30
     batch_size: int = 128              # per replica; global = batch_size * replicas
-    optimizer: str = "nesterov"        # sgd | nesterov | rmsprop | adam | adamw | muon
-    lr: float = 0.4                    # peak LR per 128 images (linear scaling)
+    optimizer: str = "muon"            # sgd | nesterov | rmsprop | adam | adamw | muon
+    lr: float = 0.005                  # peak LR per 128 images (linear scaling); for SGD
+    #                                    (nesterov) the recipe's is 0.4
     momentum: float = 0.9
-    weight_decay: float = 5e-4         # L2 as in PyTorch (decoupled for adamw, muon)
+    weight_decay: float = 0.01         # L2 as in PyTorch (decoupled for adamw, muon); for
+    #                                    SGD the recipe's is 5e-4
     decay_bn_and_bias: bool = False    # also decay BatchNorm parameters and biases
     schedule: str = "onecycle"         # constant | step | cosine | onecycle | linear
     warmup_epochs: float = 0.5         # linear warm-up (cosine, onecycle, linear), in epochs
@@ -733,6 +735,7 @@ class FinetuneConfig(TrainConfig):
     stem: str | None = None            # None = the stem of the weights
     output_dir: str = "runs/finetune"
     epochs: int = 10
+    optimizer: str = "nesterov"        # the measured fine-tuning recipe (docs/transfer.md)
     lr: float = 0.02                   # head's peak LR per 128 images
     weight_decay: float = 1e-4
     schedule: str = "cosine"

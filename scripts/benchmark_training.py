@@ -65,7 +65,9 @@ def keras_worker(args):
     precision = args["precision"]
     if precision == "match":  # what the PyTorch side runs: bf16 autocast on a GPU only
         precision = "bfloat16" if training.gpu_capability() is not None else "float32"
+    # Nesterov SGD with its L2 on both sides (torch_training.py); Muon has no PyTorch twin.
     config = training.TrainConfig(batch_size=args["batch_size"], precision=precision,
+                                  optimizer="nesterov", lr=0.4, weight_decay=5e-4,
                                   epochs=max(args["epochs"], 1), warmup_epochs=0.0)
     keras.config.set_dtype_policy(training.resolve_precision(config.precision))
     x, y, tx, ty, classes = load_arrays(args)

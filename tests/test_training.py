@@ -181,7 +181,7 @@ def test_resume_with_other_config_is_refused(folder, tmp_path):
     result = run_main(cli.train_main, "--preset", "smoke", "--data-dir", folder,
                       "--output-dir", str(out), "--validation-size", "8", "--lr", "0.5")
     assert result.returncode == 2
-    assert "unfinished run with another config (lr: run has 0.4, asked 0.5)" in result.stderr
+    assert "unfinished run with another config (lr: run has 0.005, asked 0.5)" in result.stderr
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -255,7 +255,7 @@ def cifar_classifier():
 
 def test_weight_decay_skips_bn_and_bias():
     model = cifar_classifier()
-    T.make_optimizer(T.TrainConfig(weight_decay=1e-3), 0.1, model)
+    T.make_optimizer(T.TrainConfig(optimizer="nesterov", weight_decay=1e-3), 0.1, model)
     decayed = {v.path for v in model.trainable_weights if v.regularizer is not None}
     assert "stem_conv1/kernel" in decayed and "predictions/kernel" in decayed
     assert not any(p.endswith(("gamma", "beta", "bias")) for p in decayed)
@@ -433,7 +433,7 @@ def test_flag_precedence_preset_config_file_typed_flags(tmp_path):
     assert resolve() == recipe
     assert resolve("--preset", "baseline") == baseline
     # A typed flag wins even when its value is the recipe's default.
-    assert recipe.optimizer == "nesterov" and baseline.optimizer == "sgd"
+    assert recipe.optimizer == "muon" and baseline.optimizer == "sgd"
     assert resolve("--preset", "baseline", "--optimizer", "nesterov").optimizer == "nesterov"
     assert resolve("--preset", "baseline", "--lr", "0.2").lr == 0.2
     assert resolve("--preset", "baseline", "--zero-init-residual").zero_init_residual is True
@@ -642,7 +642,7 @@ def test_an_edited_config_json_is_refused_by_field_or_as_unreadable(folder, fini
     path = tmp_path / "run" / "config.json"
     saved = json.loads(path.read_text())
     path.write_text(json.dumps({**saved, "lr": 0.7}))  # edited by hand
-    with pytest.raises(ValueError, match="another config \\(lr: run has 0.7, asked 0.4\\)"):
+    with pytest.raises(ValueError, match="another config \\(lr: run has 0.7, asked 0.005\\)"):
         T.train(config)
     path.write_text('{"lr": 0.2,')  # cut short
     with pytest.raises(ValueError, match="config.json' is not a readable config"):
