@@ -448,6 +448,7 @@ def make_optimizer(config, schedule, model):
     return opt
 
 
+@keras.saving.register_keras_serializable("keras_resnet")
 class ConvMuon(keras.optimizers.Muon):
     """Keras's Muon, which orthogonalises the momentum of 2-D kernels only (a conv kernel
     gets its AdamW step), extended to conv kernels: each (kh, kw, in, out) kernel is

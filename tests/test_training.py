@@ -304,6 +304,9 @@ def test_muon_orthogonalises_conv_kernels_and_leaves_the_rest_to_adamw():
     # values lie within a factor of 2 of each other.
     singular = np.linalg.svd((before - conv.numpy()).reshape(-1, 64), compute_uv=False)
     assert singular.max() / singular.min() < 2 and singular.min() > 0
+    # A run's .keras files hold the optimiser: it must load back (resume, export).
+    again = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(opt))
+    assert isinstance(again, T.ConvMuon) and again.exclude_layers == ["predictions"]
 
 
 def test_precision_choice(tmp_path, monkeypatch):
