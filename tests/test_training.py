@@ -381,7 +381,8 @@ print("RESULT", json.dumps({"replicas": tf.distribute.MirroredStrategy().num_rep
 def test_mirrored_strategy_on_two_logical_cpus(folder, tmp_path):
     result = run_python(MULTI_DEVICE, folder, str(tmp_path / "r"), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 replica(s), global batch 8, peak lr 0.025" in result.stdout
+    lr = T.TrainConfig().lr * 8 / T.LR_REFERENCE_BATCH  # linear scaling to the global batch
+    assert f"2 replica(s), global batch 8, peak lr {lr:g}" in result.stdout
     assert '"replicas": 2' in result.stdout
     assert T.read_history(str(tmp_path / "r" / "history.csv"))["epoch"] == [0]
 
