@@ -340,7 +340,7 @@ def make_train_dataset(ds, batch_size, num_classes, *, augment=None, seed=0,
         raise ValueError(f"batch_size: got {batch_size}; must be >= 1")
     augment = augment or AugmentConfig()
     image_size = tuple(image_size or ds.element_spec[0].shape[:2])
-    if augment.crop_flip and augment.alternate_flip:
+    if augment.alternate_flip:  # AugmentConfig refuses it without crop_flip
         ds = alternating_flip(ds, seed, shuffle_buffer)
     elif shuffle_buffer:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)

@@ -424,24 +424,25 @@ def make_optimizer(config, schedule, model):
     extra = {"global_clipnorm": config.clipnorm} if config.clipnorm else {}
     if config.ema:
         extra.update(use_ema=True, ema_momentum=config.ema)
-    if config.optimizer in ("adamw", "muon"):
-        opt = (keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay, **extra)
-               if config.optimizer == "adamw" else
-               ConvMuon(schedule, weight_decay=config.weight_decay,
-                        adam_weight_decay=config.weight_decay, momentum=config.momentum,
-                        exclude_layers=list(HEAD_LAYERS), **extra))
-        opt.exclude_from_weight_decay(var_list=skip)
+    decoupled = config.optimizer in ("adamw", "muon")
+    if config.weight_decay and not decoupled:
+        for v in decayed:
+            v.regularizer = keras.regularizers.L2(config.weight_decay / 2)
+    if config.optimizer == "adamw":
+        opt = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay, **extra)
+    elif config.optimizer == "muon":
+        opt = ConvMuon(schedule, weight_decay=config.weight_decay,
+                       adam_weight_decay=config.weight_decay, momentum=config.momentum,
+                       exclude_layers=list(HEAD_LAYERS), **extra)
+    elif config.optimizer in ("sgd", "nesterov"):
+        opt = keras.optimizers.SGD(schedule, momentum=config.momentum,
+                                   nesterov=config.optimizer == "nesterov", **extra)
+    elif config.optimizer == "rmsprop":
+        opt = keras.optimizers.RMSprop(schedule, momentum=config.momentum, **extra)
     else:
-        if config.weight_decay:
-            for v in decayed:
-                v.regularizer = keras.regularizers.L2(config.weight_decay / 2)
-        if config.optimizer in ("sgd", "nesterov"):
-            opt = keras.optimizers.SGD(schedule, momentum=config.momentum,
-                                       nesterov=config.optimizer == "nesterov", **extra)
-        elif config.optimizer == "rmsprop":
-            opt = keras.optimizers.RMSprop(schedule, momentum=config.momentum, **extra)
-        else:
-            opt = keras.optimizers.Adam(schedule, **extra)
+        opt = keras.optimizers.Adam(schedule, **extra)
+    if decoupled:
+        opt.exclude_from_weight_decay(var_list=skip)
     if config.bias_lr_scale != 1:
         scale_lr(opt, lambda v: config.bias_lr_scale if _path(v).endswith(("/beta", "/bias"))
                  else None)
@@ -452,9 +453,10 @@ def make_optimizer(config, schedule, model):
 class ConvMuon(keras.optimizers.Muon):
     """Keras's Muon, which orthogonalises the momentum of 2-D kernels only (a conv kernel
     gets its AdamW step), extended to conv kernels: each (kh, kw, in, out) kernel is
-    flattened to a (kh * kw * in, out) matrix for the Newton-Schulz iteration, as
-    Muon's reference does for CNNs (airbench). BatchNorm parameters, biases and the
-    ``exclude_layers`` (the classifier) keep the AdamW step.
+    flattened to a (kh * kw * in, out) matrix for the Newton-Schulz iteration and the
+    update's scale, as Muon's reference does for CNNs (airbench); Keras's Muon step
+    does the rest. BatchNorm parameters, biases and the ``exclude_layers`` (the
+    classifier) keep the AdamW step.
     """
 
     def _should_use_adamw(self, variable):
@@ -462,15 +464,19 @@ class ConvMuon(keras.optimizers.Muon):
             return any(re.search(k, variable.path) for k in self.exclude_layers)
         return super()._should_use_adamw(variable)
 
-    def _muon_update_step(self, gradient, variable, lr, m):
-        if len(variable.shape) != 4:
-            return super()._muon_update_step(gradient, variable, lr, m)
-        self.assign_add(m, keras.ops.add(gradient, m * (self.momentum - 1)))
-        g = keras.ops.add(gradient, self.momentum * m) if self.nesterov else m
-        update = self.zeropower_via_newtonschulz5(
-            keras.ops.reshape(g, (-1, variable.shape[-1])), self.ns_steps)
-        self.assign_sub(variable, keras.ops.reshape(self.lr_adjust(lr * update),
-                                                    variable.shape))
+    def zeropower_via_newtonschulz5(self, x, steps):
+        return _as_matrix(x, lambda m: super(ConvMuon, self).zeropower_via_newtonschulz5(
+            m, steps))
+
+    def lr_adjust(self, x):
+        return _as_matrix(x, super().lr_adjust)
+
+
+def _as_matrix(x, fn):
+    """``fn`` of a conv kernel (kh, kw, in, out) seen as a (kh * kw * in, out) matrix."""
+    if len(x.shape) != 4:
+        return fn(x)
+    return keras.ops.reshape(fn(keras.ops.reshape(x, (-1, x.shape[-1]))), x.shape)
 
 
 def _path(variable):
@@ -1069,8 +1075,7 @@ def make_feeds(config, strategy, splits, global_batch):
     if pipeline_of(config) == "memory":
         batch = global_batch // getattr(strategy, "num_processes", 1)
         train = arrays.BatchFeed(*splits.train, batch, splits.num_classes, shuffle=True,
-                                 seed=config.seed,
-                                 alternate_flip=config.augment().alternate_flip)
+                                 seed=config.seed, alternate_flip=config.alternate_flip)
         val = (arrays.BatchFeed(*splits.validation, batch, splits.num_classes)
                if splits.validation is not None else None)
         return train, val
