@@ -36,7 +36,7 @@ NOT_SEARCHED = ("dataset", "data_dir", "tfds_data_dir", "output_dir", "epochs",
 # best_config.json leaves these out, so that a full run uses the recipe's budget.
 BUDGET_FIELDS = ("output_dir", "epochs", "max_train_images", "max_eval_images")
 DEFAULT_SPACE = {
-    "lr": {"log": [0.00125, 0.02], "step": 2},     # around the recipe's (Muon) 0.005
+    "lr": {"log": [0.0025, 0.04], "step": 2},      # around the recipe's (Muon) 0.01
     "weight_decay": {"log": [0.0025, 0.04], "step": 2},  # and its 0.01
     "label_smoothing": {"choice": [0.0, 0.1, 0.2]},
 }

@@ -16,11 +16,14 @@ device) and score D's test split: seconds per epoch and test top-1.
         --epochs 10 --data-dir ../shared/data/cifar10-jpeg
 
 ``--settings``: the TensorFlow backend under precision / XLA settings (what
-``--precision auto`` / ``--jit-compile auto`` are based on), and ``+kerasbn`` for
-Keras's composed BatchNorm in place of the model's fused one:
+``--precision auto`` / ``--jit-compile auto`` are based on), ``+kerasbn`` for
+Keras's composed BatchNorm in place of the model's fused one, and ``+muon`` /
+``+muonf32`` for the recipe's Muon (Newton-Schulz in the policy's compute dtype /
+in float32) in place of SGD:
 
     python scripts/benchmark_training.py --settings float32,float32+xla,bfloat16
     python scripts/benchmark_training.py --settings float32,float32+kerasbn
+    python scripts/benchmark_training.py --settings bfloat16,bfloat16+muonf32,bfloat16+muon
 """
 
 import argparse
@@ -243,7 +246,8 @@ def settings_mode(args):
     settings = args.settings.split(",")
     for s in settings:
         precision, *options = s.split("+")
-        if precision not in training.PRECISIONS or not set(options) <= {"xla", "kerasbn"}:
+        if precision not in training.PRECISIONS or not set(options) <= {
+                "xla", "kerasbn", "muon", "muonf32"}:
             raise SystemExit(f"error: --settings: bad entry {s!r}")
 
     def build(setting):
@@ -256,7 +260,13 @@ def settings_mode(args):
             model = keras.models.clone_model(model, clone_function=lambda layer: (
                 keras.layers.BatchNormalization if isinstance(layer, FusedBatchNorm)
                 else type(layer)).from_config(layer.get_config()))
-        model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+        optimizer = keras.optimizers.SGD(0.05, momentum=0.9)
+        if {"muon", "muonf32"} & set(options):
+            optimizer = training.make_optimizer(training.TrainConfig(optimizer="muon"),
+                                                0.01, model)
+            if "muonf32" in options:
+                optimizer.newton_schulz_dtype = "float32"
+        model.compile(optimizer=optimizer,
                       loss=keras.losses.CategoricalCrossentropy(from_logits=True),
                       jit_compile="xla" in options)
         rng = np.random.default_rng(0)

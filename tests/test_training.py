@@ -181,7 +181,8 @@ def test_resume_with_other_config_is_refused(folder, tmp_path):
     result = run_main(cli.train_main, "--preset", "smoke", "--data-dir", folder,
                       "--output-dir", str(out), "--validation-size", "8", "--lr", "0.5")
     assert result.returncode == 2
-    assert "unfinished run with another config (lr: run has 0.005, asked 0.5)" in result.stderr
+    assert (f"unfinished run with another config (lr: run has {T.TrainConfig().lr}, asked 0.5)"
+            in result.stderr)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -307,6 +308,27 @@ def test_muon_orthogonalises_conv_kernels_and_leaves_the_rest_to_adamw():
     # A run's .keras files hold the optimiser: it must load back (resume, export).
     again = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(opt))
     assert isinstance(again, T.ConvMuon) and again.exclude_layers == ["predictions"]
+    assert opt.newton_schulz_dtype == again.newton_schulz_dtype == "float32"
+
+
+def test_muon_iterates_in_bfloat16_under_the_mixed_bfloat16_policy():
+    """Newton-Schulz in bfloat16 (as Muon's reference) still yields a near-orthogonal
+    update, close to the float32 one, applied to the float32 variable."""
+    x = np.random.default_rng(1).normal(size=(3, 3, 32, 64)).astype("float32")
+    outputs = {}
+    for dtype in ("float32", "bfloat16"):
+        opt = T.ConvMuon(1e-3, newton_schulz_dtype=dtype)
+        out = opt.zeropower_via_newtonschulz5(keras.ops.convert_to_tensor(x), 5)
+        assert keras.backend.standardize_dtype(out.dtype) == "float32"
+        outputs[dtype] = keras.ops.convert_to_numpy(out).reshape(-1, 64)
+        singular = np.linalg.svd(outputs[dtype], compute_uv=False)
+        assert singular.max() / singular.min() < 2 and singular.min() > 0
+    low, high = outputs["bfloat16"], outputs["float32"]
+    relative = np.linalg.norm(low - high) / np.linalg.norm(high)
+    assert 0 < relative < 0.1, relative  # bfloat16 keeps ~3 significant digits
+    keras.config.set_dtype_policy("mixed_bfloat16")  # conftest restores float32
+    opt = T.make_optimizer(T.TrainConfig(optimizer="muon"), 1e-3, cifar_classifier())
+    assert opt.newton_schulz_dtype == "bfloat16"
 
 
 def test_precision_choice(tmp_path, monkeypatch):
@@ -646,7 +668,8 @@ def test_an_edited_config_json_is_refused_by_field_or_as_unreadable(folder, fini
     path = tmp_path / "run" / "config.json"
     saved = json.loads(path.read_text())
     path.write_text(json.dumps({**saved, "lr": 0.7}))  # edited by hand
-    with pytest.raises(ValueError, match="another config \\(lr: run has 0.7, asked 0.005\\)"):
+    with pytest.raises(ValueError, match=f"another config \\(lr: run has 0.7, asked "
+                                         f"{T.TrainConfig().lr}\\)"):
         T.train(config)
     path.write_text('{"lr": 0.2,')  # cut short
     with pytest.raises(ValueError, match="config.json' is not a readable config"):
