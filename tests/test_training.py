@@ -668,7 +668,7 @@ def test_an_edited_config_json_is_refused_by_field_or_as_unreadable(folder, fini
     path = tmp_path / "run" / "config.json"
     saved = json.loads(path.read_text())
     path.write_text(json.dumps({**saved, "lr": 0.7}))  # edited by hand
-    with pytest.raises(ValueError, match=f"another config \\(lr: run has 0.7, asked "
+    with pytest.raises(ValueError, match="another config \\(lr: run has 0.7, asked "
                                          f"{T.TrainConfig().lr}\\)"):
         T.train(config)
     path.write_text('{"lr": 0.2,')  # cut short
