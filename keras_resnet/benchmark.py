@@ -40,7 +40,22 @@ def machine(cpuinfo="/proc/cpuinfo"):
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     have = [f for f in CPU_FLAGS if f in flags]
-    return f"{model}, {cores} cores, flags: {' '.join(have) or 'none of ' + ' '.join(CPU_FLAGS)}"
+    line = f"{model}, {cores} cores, flags: {' '.join(have) or 'none of ' + ' '.join(CPU_FLAGS)}"
+    onednn = onednn_enabled()
+    return line if onednn is None else f"{line}, oneDNN {'on' if onednn else 'off'}"
+
+
+def onednn_enabled():
+    """Whether TensorFlow in this process runs its oneDNN kernels; None when TensorFlow
+    is not loaded (nothing is imported to find out)."""
+    import sys
+
+    if "tensorflow" not in sys.modules:
+        return None
+    # No public API says so; TensorFlow's own tests read it here.
+    from tensorflow.python.util import _pywrap_util_port
+
+    return bool(_pywrap_util_port.IsMklEnabled())
 
 
 def device():

@@ -23,12 +23,14 @@ import numpy as np
 
 
 def saved_model_child(path, threads, runs, warmup):
+    from keras_resnet.benchmark import latency_ms  # before TensorFlow: its oneDNN default
+    from keras_resnet.predict import SavedModelRunner
+
+    # isort: split
     import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
-    from keras_resnet.benchmark import latency_ms
-    from keras_resnet.predict import SavedModelRunner
 
     runner = SavedModelRunner(path)
     image = np.random.default_rng(0).integers(0, 256, (1, *runner.image_size, 3), np.uint8)

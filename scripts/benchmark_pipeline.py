@@ -15,11 +15,12 @@ import json
 import statistics
 import time
 
+from keras_resnet import data, training  # before TensorFlow loads: its oneDNN default
+
+# isort: split
 import keras
 import numpy as np
 import tensorflow as tf
-
-from keras_resnet import data, training
 
 
 def time_pipeline(ds, batches):

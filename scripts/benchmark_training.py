@@ -61,9 +61,10 @@ def load_arrays(args):
 
 def keras_worker(args):
     """The project's model and recipe (training.py's pieces) on this Keras backend."""
-    import keras
+    from keras_resnet import arrays, evaluation, training  # before TensorFlow: oneDNN default
 
-    from keras_resnet import arrays, evaluation, training
+    # isort: split
+    import keras
 
     precision = args["precision"]
     if precision == "match":  # what the PyTorch side runs: bf16 autocast on a GPU only
@@ -237,11 +238,12 @@ def side_by_side(args):
 
 
 def settings_mode(args):
+    from keras_resnet import training  # before TensorFlow: its oneDNN default
+    from keras_resnet.model import FusedBatchNorm, build_classifier
+
+    # isort: split
     import keras
     import tensorflow as tf
-
-    from keras_resnet import training
-    from keras_resnet.model import FusedBatchNorm, build_classifier
 
     settings = args.settings.split(",")
     for s in settings:

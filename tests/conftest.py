@@ -12,6 +12,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")  # small ones too
 sys.path.insert(0, os.path.dirname(__file__))  # tests import helpers
 
+import keras_resnet  # noqa: F401  before TensorFlow loads, as in the scripts: oneDNN on
+
+# isort: split
 import keras
 import pytest
 
