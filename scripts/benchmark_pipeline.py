@@ -15,7 +15,7 @@ import json
 import statistics
 import time
 
-from keras_resnet import data, training  # before TensorFlow loads: its oneDNN default
+from keras_resnet import benchmark, data, training  # before TensorFlow: its oneDNN default
 
 # isort: split
 import keras
@@ -86,6 +86,7 @@ def main():
         "pipeline_runs": [round(v, 1) for v in pipeline],
         "train_fed_runs": [round(v, 1) for v in fed],
         "train_inmemory_runs": [round(v, 1) for v in mem],
+        "machine": benchmark.machine(),
     }
     print(json.dumps(result))
 

@@ -9,9 +9,12 @@ Each side runs in its own worker process; rounds alternate (K T K T ...) and
 medians are quoted, so a drift of this shared machine hits both. The first
 call's time includes tracing / compilation. With ``--epochs N --data-dir D``
 both then train N epochs on D's training images (pad-crop + flip on the
-device) and score D's test split: seconds per epoch and test top-1.
+device) and score D's test split: seconds per epoch and test top-1. ``--keras-env
+NAME=VALUE`` adds the Keras side once more under that environment variable, in the
+same rounds (oneDNN off, say).
 
     python scripts/benchmark_training.py --backend tensorflow --rounds 5
+    python scripts/benchmark_training.py --backend tensorflow --keras-env TF_ENABLE_ONEDNN_OPTS=0
     python scripts/benchmark_training.py --backend jax --batch-size 512 --steps 200 \\
         --epochs 10 --data-dir ../shared/data/cifar10-jpeg
 
@@ -29,6 +32,7 @@ in float32) in place of SGD:
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -61,7 +65,7 @@ def load_arrays(args):
 
 def keras_worker(args):
     """The project's model and recipe (training.py's pieces) on this Keras backend."""
-    from keras_resnet import arrays, evaluation, training  # before TensorFlow: oneDNN default
+    from keras_resnet import arrays, benchmark, evaluation, training  # before TensorFlow
 
     # isort: split
     import keras
@@ -94,7 +98,7 @@ def keras_worker(args):
         state["model"] = model
         state["feed"] = arrays.BatchFeed(x, y, config.batch_size, classes, shuffle=True)
         return {"xla": bool(model.jit_compile), "policy": keras.config.dtype_policy().name,
-                "keras": keras.__version__}
+                "keras": keras.__version__, "onednn": benchmark.onednn_enabled()}
 
     def steps(n):
         start = time.perf_counter()
@@ -163,9 +167,9 @@ def serve(side, args):
 class Worker:
     """One side in its own process (its own backend, thread pools and memory)."""
 
-    def __init__(self, side, args, backend):
+    def __init__(self, side, args, backend, extra_env=None):
         env = {**os.environ, "KERAS_BACKEND": backend if side == "keras" else "torch",
-               "TF_CPP_MIN_LOG_LEVEL": "3"}
+               "TF_CPP_MIN_LOG_LEVEL": "3", **(extra_env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--worker", side, "--worker-args",
              json.dumps(args)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -197,6 +201,9 @@ def side_by_side(args):
                    "max_steps": max(args.steps, args.warmup)}
     sides = {"keras": Worker("keras", worker_args, args.backend),
              "torch": Worker("torch", worker_args, args.backend)}
+    for setting in args.keras_env:  # the Keras side again, under one more variable
+        name, _, value = setting.partition("=")
+        sides[f"keras {setting}"] = Worker("keras", worker_args, args.backend, {name: value})
     per_epoch = sides["keras"].info["steps_per_epoch"]
     if max(args.steps, args.warmup) > per_epoch:  # a Keras epoch is one pass of the feed
         raise SystemExit(f"error: --steps / --warmup: at most {per_epoch}, the batches in one "
@@ -227,10 +234,13 @@ def side_by_side(args):
                 train_seconds=round(sum(seconds), 1), test_top1=w.ask(op="score")["top1"])
     for w in sides.values():
         w.close()
-    k, t = (result["sides"][n]["img_s_median"] for n in ("keras", "torch"))
-    result["keras_over_torch"] = round(k / t, 3)
-    print(f"keras ({args.backend}) median {k:8.1f} img/s   pytorch median {t:8.1f} img/s   "
-          f"ratio {k / t:.2f}x")
+    t = result["sides"]["torch"]["img_s_median"]
+    for name in sides:
+        if name != "torch":
+            k = result["sides"][name]["img_s_median"]
+            result[name.replace("keras", "keras_over_torch", 1)] = round(k / t, 3)
+            print(f"{name} ({args.backend}) median {k:8.1f} img/s   pytorch median "
+                  f"{t:8.1f} img/s   ratio {k / t:.2f}x")
     return result
 
 
@@ -320,6 +330,10 @@ def main():
     parser.add_argument("--data-dir", help="image folder root/{train,test}/<class>/*")
     parser.add_argument("--max-train-images", type=int)
     parser.add_argument("--max-eval-images", type=int)
+    parser.add_argument("--keras-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="--backend: also time the Keras side with this environment "
+                        "variable set, as a further side in the same rounds (e.g. "
+                        "TF_ENABLE_ONEDNN_OPTS=0); repeatable")
     parser.add_argument("--worker", choices=["keras", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--worker-args", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -328,6 +342,11 @@ def main():
     for name in ("batch_size", "steps", "rounds", "warmup"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: must be >= 1")
+    for setting in args.keras_env:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", setting):
+            parser.error(f"--keras-env: got {setting!r}; expected NAME=VALUE")
+    if args.keras_env and not args.backend:
+        parser.error("--keras-env: needs --backend (the side-by-side mode)")
     if args.epochs and not args.data_dir:
         parser.error("--epochs: needs --data-dir (the images to train and score on)")
     if args.data_dir and not os.path.isdir(os.path.join(args.data_dir, "train")):

@@ -265,6 +265,7 @@ def test_benchmark_pipeline_script(tmp_path):
     result = json.loads(r.stdout.strip().splitlines()[-1])
     for key in ("pipeline_img_s", "train_fed_img_s", "train_inmemory_img_s"):
         assert result[key] > 0
+    assert "cores" in result["machine"] and result["machine"].endswith("oneDNN on")
 
 
 # ------------------------------------------------------------- folders at real sizes

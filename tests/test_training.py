@@ -684,3 +684,13 @@ def test_whitened_stem_stays_frozen_through_training(folder, tmp_path):
     kernel = model.get_layer("stem_conv1").kernel.numpy()
     np.testing.assert_array_equal(kernel[..., 27:54], -kernel[..., :27])
     assert np.abs(kernel[..., :27]).max() > 0
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--backend", "tensorflow", "--keras-env", "NO_VALUE"], "--keras-env: got 'NO_VALUE'"),
+    (["--keras-env", "TF_ENABLE_ONEDNN_OPTS=0"], "--keras-env: needs --backend"),
+])
+def test_training_benchmark_refuses_a_bad_keras_env(flags, match):
+    """Refused by the argument parser, before any worker starts."""
+    result = run_script("benchmark_training.py", *flags, timeout=120)
+    assert result.returncode == 2 and match in result.stderr
