@@ -6,7 +6,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # TensorFlow turns its oneDNN kernels on by default only on CPUs with AVX512-VNNI,
 # AVX512-BF16 or AMX; on others (the AVX2-only EPYC) convolutions run on Eigen kernels
-# built without AVX2 / FMA, and ResNet18 trained 2.4x slower (docs/benchmarks.md).
+# built without AVX2 / FMA, and ResNet18 trained 2.5x slower (docs/benchmarks.md).
 # TensorFlow reads this once as it loads: import keras_resnet before keras / tensorflow.
 # A value the user set wins.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
