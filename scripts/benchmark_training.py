@@ -174,7 +174,11 @@ class Worker:
             [sys.executable, os.path.abspath(__file__), "--worker", side, "--worker-args",
              json.dumps(args)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             env=env)
-        self.info = self._read("READY ")
+        self.info = None  # ready(): the sides start together, each then built on its own
+
+    def ready(self):
+        self.info = self.info or self._read("READY ")
+        return self
 
     def _read(self, prefix):
         for line in self.proc.stdout:
@@ -204,6 +208,7 @@ def side_by_side(args):
     for setting in args.keras_env:  # the Keras side again, under one more variable
         name, _, value = setting.partition("=")
         sides[f"keras {setting}"] = Worker("keras", worker_args, args.backend, {name: value})
+    sides = {name: w.ready() for name, w in sides.items()}
     per_epoch = sides["keras"].info["steps_per_epoch"]
     if max(args.steps, args.warmup) > per_epoch:  # a Keras epoch is one pass of the feed
         raise SystemExit(f"error: --steps / --warmup: at most {per_epoch}, the batches in one "

@@ -13,7 +13,7 @@ import socket
 import keras
 import numpy as np
 import pytest
-from helpers import ROOT, run_main, run_python, write_folder
+from helpers import ROOT, run_main, write_folder
 
 from keras_resnet import arrays, cli, evaluation, training
 from keras_resnet import data as D
@@ -43,16 +43,26 @@ sys.meta_path.insert(0, NoTensorFlow())
 importlib.util.find_spec = find_spec
 '''
 
-TINY = ("--preset", "smoke", "--validation-size", "6", "--max-train-images", "4",
+TINY = ("--preset", "smoke", "--validation-size", "8", "--max-train-images", "4",
         "--max-eval-images", "8", "--batch-size", "4", "--epochs", "1")
 
 
+@pytest.fixture(scope="module")
+def xla_env(tmp_path_factory):
+    """For every JAX process of this module: one persistent compilation cache (JAX's
+    own). A tiny run on a CPU spends most of its time in XLA's compiler, and much of
+    what it compiles recurs across processes (the initialiser of each kernel shape,
+    the evaluation steps of the same network): compiled once, read back after."""
+    return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("xla_cache")),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
 @pytest.fixture
-def jax_env(tmp_path):
+def jax_env(tmp_path, xla_env):
     block = tmp_path / "no_tensorflow"
     block.mkdir()
     (block / "sitecustomize.py").write_text(BLOCK_TENSORFLOW)
-    return {"KERAS_BACKEND": "jax", "PYTHONPATH": f"{block}{os.pathsep}{ROOT}",
+    return {**xla_env, "KERAS_BACKEND": "jax", "PYTHONPATH": f"{block}{os.pathsep}{ROOT}",
             "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
 
 
@@ -66,6 +76,32 @@ def _free_port():
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
+def _start_commands(env, calls):
+    """A fresh Python (``env``: JAX, no TensorFlow) that runs entry points of
+    ``keras_resnet.cli`` one after the other and prints what the test checks."""
+    import subprocess
+    import sys
+
+    code = "\n".join([
+        "import json, sys", "from helpers import run_main", "from keras_resnet import cli",
+        "runs = []",
+        *[f"runs.append(run_main(cli.{main}, *{[str(a) for a in args]!r}))"
+          for main, args in calls],
+        "import jax",
+        ("print(json.dumps({'codes': [r.returncode for r in runs], "
+        "'errors': [r.stderr[-800:] for r in runs], 'stdout': [r.stdout for r in runs], "
+        "'devices': jax.device_count(), 'tensorflow': 'tensorflow' in sys.modules}))")])
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **env,
+           "PYTHONPATH": f"{env['PYTHONPATH']}{os.pathsep}{os.path.join(ROOT, 'tests')}"}
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _facts(process):
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
 
 @pytest.mark.slow
 def test_train_data_parallel_and_predict_without_tensorflow(jax_env, folder, tmp_path):
@@ -73,33 +109,24 @@ def test_train_data_parallel_and_predict_without_tensorflow(jax_env, folder, tmp
     global batch; fine-tuning and predict.py run; nothing imports TensorFlow; the
     TensorFlow backend exports the JAX-trained model and verifies it."""
     one, two, tuned = tmp_path / "one", tmp_path / "two", tmp_path / "tuned"
-    code = (
-        "import json, sys\n"
-        "from helpers import run_main\n"
-        "from keras_resnet import cli\n"
-        f"args = {[str(a) for a in ('--data-dir', folder, *TINY)]}\n"
-        f"a = run_main(cli.train_main, *args, '--output-dir', {str(one)!r})\n"
-        f"b = run_main(cli.train_main, *args, '--output-dir', {str(two)!r}, "
-        "'--strategy', 'data-parallel', '--batch-size', '2')\n"
-        f"c = run_main(cli.predict_main, {str(one)!r}, {str(folder / 'test' / 'cat')!r}, "
-        "'--json')\n"
-        f"d = run_main(cli.finetune_main, '--data-dir', {str(folder)!r}, '--weights', "
-        f"{str(one)!r}, '--output-dir', {str(tuned)!r}, '--epochs', '1', '--crop', 'pad', "
-        "'--batch-size', '4', '--validation-size', '6', '--max-train-images', '4', "
-        "'--max-eval-images', '8')\n"
-        "import jax\n"
-        "print(json.dumps({'codes': [r.returncode for r in (a, b, c, d)], "
-        "'errors': [r.stderr[-800:] for r in (a, b, c, d)], "
-        "'predicted': c.stdout.count('top_k'), 'devices': jax.device_count(), "
-        "'tensorflow': 'tensorflow' in sys.modules}))\n")
-    env = {**jax_env, "PYTHONPATH": f"{jax_env['PYTHONPATH']}{os.pathsep}"
-                                    f"{os.path.join(ROOT, 'tests')}"}
-    result = run_python(code, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    facts = json.loads(result.stdout.strip().splitlines()[-1])
-    assert facts["codes"] == [0, 0, 0, 0], facts["errors"]
-    assert facts["devices"] == 2 and not facts["tensorflow"]
-    assert facts["predicted"] == 10  # every image of test/cat
+    train = ["--data-dir", folder, *TINY]
+    # Two processes side by side: each keeps about one core busy (mostly compiling).
+    first = _start_commands(jax_env, [
+        ("train_main", [*train, "--output-dir", one]),
+        ("finetune_main", ["--data-dir", folder, "--weights", one, "--output-dir", tuned,
+                           "--epochs", "1", "--crop", "pad", "--batch-size", "4",
+                           "--validation-size", "8", "--max-train-images", "4",
+                           "--max-eval-images", "8"])])
+    second = _start_commands(jax_env, [
+        ("train_main", [*train, "--output-dir", two, "--strategy", "data-parallel",
+                        "--batch-size", "2"]),
+        ("predict_main", [two, folder / "test" / "cat", "--json"])])
+    facts, facts_two = _facts(first), _facts(second)
+    assert facts["codes"] == facts_two["codes"] == [0, 0], (
+        facts["errors"] + facts_two["errors"])
+    assert facts["devices"] == facts_two["devices"] == 2
+    assert not facts["tensorflow"] and not facts_two["tensorflow"]
+    assert facts_two["stdout"][1].count("top_k") == 10  # every image of test/cat
     metrics = [json.loads((run / "test_metrics.json").read_text())
                for run in (one, two, tuned)]
     assert [(m["backend"], m["replicas"], m["pipeline"]) for m in metrics] == [
@@ -126,12 +153,20 @@ def test_two_processes_on_localhost_and_an_absent_coordinator(jax_env, folder, t
 
     out, port = tmp_path / "run", _free_port()
     env = {**os.environ, **jax_env, "XLA_FLAGS": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    script = os.path.join(ROOT, "scripts", "train_cifar10.py")
     procs = [subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "scripts", "train_cifar10.py"), "--data-dir",
-         str(folder), *TINY, "--batch-size", "2", "--optimizer", "sgd", "--output-dir",
-         str(out), "--strategy", "data-parallel", "--coordinator", f"127.0.0.1:{port}",
-         "--num-processes", "2", "--process-id", str(i), "--coordinator-timeout", "120"],
+        [sys.executable, script, "--data-dir", str(folder), *TINY, "--batch-size", "2",
+         "--optimizer", "sgd", "--output-dir", str(out), "--strategy", "data-parallel",
+         "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id",
+         str(i), "--coordinator-timeout", "120"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    # Meanwhile (it mostly waits): a process whose coordinator is not there.
+    lonely = subprocess.Popen(
+        [sys.executable, script, "--data-dir", str(folder), *TINY, "--output-dir",
+         str(tmp_path / "lonely"), "--strategy", "data-parallel", "--coordinator",
+         f"127.0.0.1:{_free_port()}", "--num-processes", "2", "--process-id", "1",
+         "--coordinator-timeout", "2"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     outputs = [p.communicate(timeout=400) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outputs]
     metrics = json.loads((out / "test_metrics.json").read_text())
@@ -139,13 +174,9 @@ def test_two_processes_on_localhost_and_an_absent_coordinator(jax_env, folder, t
     assert json.loads(outputs[1][0].strip().splitlines()[-1]) == {"process_id": 1}
     assert "process_id\": 1" not in (out / "config.json").read_text()  # process 0's
 
-    lonely = run_python(
-        "from keras_resnet import cli; cli.train_main()", "--data-dir", str(folder), *TINY,
-        "--output-dir", str(tmp_path / "lonely"), "--strategy", "data-parallel",
-        "--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2",
-        "--process-id", "1", "--coordinator-timeout", "2", env=jax_env, timeout=120)
-    assert lonely.returncode == 2
-    assert "found nothing answering" in lonely.stderr and "--coordinator" in lonely.stderr
+    lonely_err = lonely.communicate(timeout=120)[1]
+    assert lonely.returncode == 2, lonely_err[-2000:]
+    assert "found nothing answering" in lonely_err and "--coordinator" in lonely_err
 
 
 @pytest.mark.parametrize("backend, flags, match", [
@@ -318,11 +349,12 @@ def test_evaluate_takes_arrays():
 
 
 @pytest.mark.slow
-def test_benchmark_trains_beside_pytorch():
+def test_benchmark_trains_beside_pytorch(xla_env):
     from helpers import run_script
 
     result = run_script("benchmark_training.py", "--backend", "jax", "--batch-size", "8",
-                        "--steps", "1", "--rounds", "2", "--warmup", "1", timeout=600)
+                        "--steps", "1", "--rounds", "2", "--warmup", "1", timeout=600,
+                        env=xla_env)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     keras_side, torch_side = report["sides"]["keras"], report["sides"]["torch"]
