@@ -47,22 +47,12 @@ TINY = ("--preset", "smoke", "--validation-size", "8", "--max-train-images", "4"
         "--max-eval-images", "8", "--batch-size", "4", "--epochs", "1")
 
 
-@pytest.fixture(scope="module")
-def xla_env(tmp_path_factory):
-    """For every JAX process of this module: one persistent compilation cache (JAX's
-    own). A tiny run on a CPU spends most of its time in XLA's compiler, and much of
-    what it compiles recurs across processes (the initialiser of each kernel shape,
-    the evaluation steps of the same network): compiled once, read back after."""
-    return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("xla_cache")),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-
-
 @pytest.fixture
-def jax_env(tmp_path, xla_env):
+def jax_env(tmp_path):
     block = tmp_path / "no_tensorflow"
     block.mkdir()
     (block / "sitecustomize.py").write_text(BLOCK_TENSORFLOW)
-    return {**xla_env, "KERAS_BACKEND": "jax", "PYTHONPATH": f"{block}{os.pathsep}{ROOT}",
+    return {"KERAS_BACKEND": "jax", "PYTHONPATH": f"{block}{os.pathsep}{ROOT}",
             "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
 
 
@@ -75,6 +65,7 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
 
 def _start_commands(env, calls):
     """A fresh Python (``env``: JAX, no TensorFlow) that runs entry points of
@@ -349,12 +340,11 @@ def test_evaluate_takes_arrays():
 
 
 @pytest.mark.slow
-def test_benchmark_trains_beside_pytorch(xla_env):
+def test_benchmark_trains_beside_pytorch():
     from helpers import run_script
 
     result = run_script("benchmark_training.py", "--backend", "jax", "--batch-size", "8",
-                        "--steps", "1", "--rounds", "2", "--warmup", "1", timeout=600,
-                        env=xla_env)
+                        "--steps", "1", "--rounds", "2", "--warmup", "1", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     keras_side, torch_side = report["sides"]["keras"], report["sides"]["torch"]
