@@ -174,11 +174,12 @@ class Worker:
             [sys.executable, os.path.abspath(__file__), "--worker", side, "--worker-args",
              json.dumps(args)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             env=env)
-        self.info = None  # ready(): the sides start together, each then built on its own
+        self.info = None
 
     def ready(self):
-        self.info = self.info or self._read("READY ")
-        return self
+        """Wait for its start-up (imports, data): the sides start together, and are then
+        built and timed one after the other."""
+        self.info = self._read("READY ")
 
     def _read(self, prefix):
         for line in self.proc.stdout:
@@ -208,7 +209,8 @@ def side_by_side(args):
     for setting in args.keras_env:  # the Keras side again, under one more variable
         name, _, value = setting.partition("=")
         sides[f"keras {setting}"] = Worker("keras", worker_args, args.backend, {name: value})
-    sides = {name: w.ready() for name, w in sides.items()}
+    for w in sides.values():
+        w.ready()
     per_epoch = sides["keras"].info["steps_per_epoch"]
     if max(args.steps, args.warmup) > per_epoch:  # a Keras epoch is one pass of the feed
         raise SystemExit(f"error: --steps / --warmup: at most {per_epoch}, the batches in one "

@@ -42,10 +42,20 @@ def random_batchnorm_statistics(model, seed=0):
     return model
 
 
+def _env(env):
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+
+
 def _run(argv, timeout, env):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
     return subprocess.run([sys.executable, *argv], check=False, capture_output=True,
-                          text=True, timeout=timeout, env=env)
+                          text=True, timeout=timeout, env=_env(env))
+
+
+def start_python(code, *args, env=None):
+    """Start ``python -c code args`` and return at once (a Popen with text pipes), for
+    processes that run side by side; ``communicate()`` collects them."""
+    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env(env))
 
 
 def run_script(script, *args, timeout=600, env=None):

@@ -13,7 +13,7 @@ import socket
 import keras
 import numpy as np
 import pytest
-from helpers import ROOT, run_main, write_folder
+from helpers import ROOT, run_main, start_python, write_folder
 
 from keras_resnet import arrays, cli, evaluation, training
 from keras_resnet import data as D
@@ -70,9 +70,6 @@ def _free_port():
 def _start_commands(env, calls):
     """A fresh Python (``env``: JAX, no TensorFlow) that runs entry points of
     ``keras_resnet.cli`` one after the other and prints what the test checks."""
-    import subprocess
-    import sys
-
     code = "\n".join([
         "import json, sys", "from helpers import run_main", "from keras_resnet import cli",
         "runs = []",
@@ -82,10 +79,8 @@ def _start_commands(env, calls):
         ("print(json.dumps({'codes': [r.returncode for r in runs], "
         "'errors': [r.stderr[-800:] for r in runs], 'stdout': [r.stdout for r in runs], "
         "'devices': jax.device_count(), 'tensorflow': 'tensorflow' in sys.modules}))")])
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **env,
-           "PYTHONPATH": f"{env['PYTHONPATH']}{os.pathsep}{os.path.join(ROOT, 'tests')}"}
-    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return start_python(code, env={**env, "PYTHONPATH": f"{env['PYTHONPATH']}{os.pathsep}"
+                                                      f"{os.path.join(ROOT, 'tests')}"})
 
 
 def _facts(process):
