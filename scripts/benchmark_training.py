@@ -98,7 +98,8 @@ def keras_worker(args):
         state["model"] = model
         state["feed"] = arrays.BatchFeed(x, y, config.batch_size, classes, shuffle=True)
         return {"xla": bool(model.jit_compile), "policy": keras.config.dtype_policy().name,
-                "keras": keras.__version__, "onednn": benchmark.onednn_enabled()}
+                "keras": keras.__version__, "onednn": benchmark.onednn_enabled(),
+                "device": benchmark.device(), "machine": benchmark.machine()}
 
     def steps(n):
         start = time.perf_counter()
@@ -132,7 +133,8 @@ def torch_worker(args):
             batch_size=args["batch_size"], total_steps=total_steps,
             device="cuda" if gpu else "cpu", bf16=gpu, compile_model=compiled)
         return {"torch_compile": compiled, "bf16": gpu, "threads": torch.get_num_threads(),
-                "torch": torch.__version__}
+                "torch": torch.__version__,
+                "device": torch.cuda.get_device_name(0) if gpu else "CPU"}
 
     def steps(n):
         order = np.concatenate([rng.permutation(len(x)) for _ in range(
@@ -192,10 +194,10 @@ class Worker:
         self.proc.stdin.flush()
         return self._read("RESULT ")
 
-    def close(self):
+    def quit(self):
+        """Tell it to stop; ``proc.wait()`` then waits for its exit."""
         self.proc.stdin.write('{"op": "quit"}\n')
         self.proc.stdin.close()
-        self.proc.wait()
 
 
 def side_by_side(args):
@@ -239,8 +241,14 @@ def side_by_side(args):
             result["sides"][name].update(
                 epoch_seconds=[round(s, 2) for s in seconds],
                 train_seconds=round(sum(seconds), 1), test_top1=w.ask(op="score")["top1"])
+    for w in sides.values():  # they exit side by side
+        w.quit()
     for w in sides.values():
-        w.close()
+        w.proc.wait()
+    # The Keras side's view: its backend and oneDNN state, its GPU if any.
+    result["machine"] = result["sides"]["keras"]["machine"]
+    for side in result["sides"].values():
+        side.pop("machine", None)
     t = result["sides"]["torch"]["img_s_median"]
     for name in sides:
         if name != "torch":
@@ -358,10 +366,13 @@ def main():
         parser.error("--epochs: needs --data-dir (the images to train and score on)")
     if args.data_dir and not os.path.isdir(os.path.join(args.data_dir, "train")):
         parser.error(f"--data-dir: {args.data_dir!r} has no train/ folder")
-    from keras_resnet.benchmark import machine
+    if args.backend:  # the parent imports neither Keras nor TensorFlow: workers start now
+        result = side_by_side(args)
+    else:
+        from keras_resnet.benchmark import machine
 
-    result = side_by_side(args) if args.backend else settings_mode(args)
-    print(json.dumps({**result, "machine": machine()}))
+        result = {**settings_mode(args), "machine": machine()}
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -143,26 +143,38 @@ import sys, hashlib, keras, numpy as np
 keras.utils.set_random_seed(int(sys.argv[1]))
 from keras_resnet import build_resnet18
 model = build_resnet18(input_shape=(32, 32, 3), classes=10, stem="cifar")
-print(hashlib.sha256(b"".join(np.asarray(w).tobytes() for w in model.weights)).hexdigest())
+for weights in (model.weights, [la.kernel for la in model.layers if "conv" in la.name]):
+    print(hashlib.sha256(b"".join(np.asarray(w).tobytes() for w in weights)).hexdigest())
 """
 
 
-def weights_digest(seed):
+def weights_digests(seed):
+    """Digests of (all weights, the conv kernels) of a ResNet-18 built after ``seed``."""
     import hashlib
 
     import keras
 
     keras.utils.set_random_seed(seed)
     model = kr.build_resnet18(input_shape=(32, 32, 3), classes=10, stem="cifar")
-    return hashlib.sha256(b"".join(np.asarray(w).tobytes() for w in model.weights)).hexdigest()
+    return [hashlib.sha256(b"".join(np.asarray(w).tobytes() for w in weights)).hexdigest()
+            for weights in (model.weights,
+                            [la.kernel for la in model.layers if "conv" in la.name])]
 
 
-def test_same_seed_same_weights_in_every_process():
+def test_same_seed_same_weights_in_every_process_and_conv_kernels_on_every_backend():
+    """One seed, one model in every process; the conv kernels are drawn on the host
+    (NumPy), so the JAX backend starts from the very kernels TensorFlow does."""
+    pytest.importorskip("jax")
     from helpers import run_python
 
-    r = run_python(SAME_SEED, "7", timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split()[-1] == weights_digest(7) == weights_digest(7) != weights_digest(8)
+    here = weights_digests(7)
+    assert here == weights_digests(7) and here[0] != weights_digests(8)[0]
+    same_backend = run_python(SAME_SEED, "7", timeout=300)
+    assert same_backend.returncode == 0, same_backend.stderr[-2000:]
+    assert same_backend.stdout.split()[-2:] == here
+    on_jax = run_python(SAME_SEED, "7", timeout=300, env={"KERAS_BACKEND": "jax"})
+    assert on_jax.returncode == 0, on_jax.stderr[-2000:]
+    assert on_jax.stdout.split()[-1] == here[1]
 
 
 @pytest.mark.parametrize("block, filters", [(kr.basic_block, 8), (kr.bottleneck_block, 2)])
