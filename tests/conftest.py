@@ -18,6 +18,18 @@ import keras_resnet  # noqa: F401  before TensorFlow loads, as in the scripts: o
 import keras
 import pytest
 
+# Module fixtures that take a training run or an export each: the tests using one of them
+# run in one pytest-xdist worker (``--dist loadgroup``), so it is made once, not per worker.
+SHARED_FIXTURES = ("exported", "finished", "pretrained_run")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for name in SHARED_FIXTURES:
+            if name in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}.{name}"))
+
 
 @pytest.fixture(autouse=True)
 def fresh_keras_state():
