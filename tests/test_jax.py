@@ -113,12 +113,24 @@ def test_train_data_parallel_and_predict_without_tensorflow(jax_env, folder, tmp
     export_dir = tmp_path / "export"
     exported = run_main(cli.export_main, two, "--output-dir", export_dir, "--formats",
                         "saved_model", "--data-dir", folder, "--check-images", "8")
+    on_tensorflow = run_main(cli.predict_main, two, folder / "test" / "cat", "--json")
     facts = _facts(first)
     assert facts["codes"] == facts_two["codes"] == [0, 0], (
         facts["errors"] + facts_two["errors"])
     assert facts["devices"] == facts_two["devices"] == 2
     assert not facts["tensorflow"] and not facts_two["tensorflow"]
     assert facts_two["stdout"][1].count("top_k") == 10  # every image of test/cat
+    # predict.py under JAX (predict_on_batch) answers as under TensorFlow (an eager call),
+    # compared on the PNGs, which both decoders read alike (PIL's and TensorFlow's JPEG
+    # decoders may differ).
+    assert on_tensorflow.returncode == 0, on_tensorflow.stderr[-2000:]
+    answers = [{row["path"]: dict(row["top_k"]) for row in map(json.loads, out.splitlines())
+                if row["path"].endswith(".png")}
+               for out in (facts_two["stdout"][1], on_tensorflow.stdout)]
+    assert len(answers[0]) == 5 and answers[0].keys() == answers[1].keys()
+    for path, probs in answers[0].items():
+        assert probs.keys() == answers[1][path].keys()
+        assert probs == pytest.approx(answers[1][path], abs=1e-4), path
     metrics = [json.loads((run / "test_metrics.json").read_text())
                for run in (one, two, tuned)]
     assert [(m["backend"], m["replicas"], m["pipeline"]) for m in metrics] == [
