@@ -239,10 +239,7 @@ def keras_predictor(model):
 
     def predict(images):
         out = np.asarray(model.predict_on_batch(np.asarray(images, "float32")), "float32")
-        if not softmax:
-            return out
-        out = np.exp(out - out.max(axis=-1, keepdims=True))
-        return out / out.sum(axis=-1, keepdims=True)
+        return np.asarray(ops.softmax(out, axis=-1)) if softmax else out
 
     return predict
 

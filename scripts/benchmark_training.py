@@ -99,7 +99,7 @@ def keras_worker(args):
         state["feed"] = arrays.BatchFeed(x, y, config.batch_size, classes, shuffle=True)
         return {"xla": bool(model.jit_compile), "policy": keras.config.dtype_policy().name,
                 "keras": keras.__version__, "onednn": benchmark.onednn_enabled(),
-                "device": benchmark.device(), "machine": benchmark.machine()}
+                "device": benchmark.device()}
 
     def steps(n):
         start = time.perf_counter()
@@ -151,8 +151,13 @@ def torch_worker(args):
 
 def serve(side, args):
     """Answer the controller's commands (one JSON per line) until it says quit."""
+    from keras_resnet.benchmark import machine
+
     build, steps, score, per_epoch = (keras_worker if side == "keras" else torch_worker)(args)
-    print("READY " + json.dumps({"steps_per_epoch": per_epoch}), flush=True)
+    # The machine as this worker sees it (its backend's oneDNN state): the parent imports
+    # no Keras.
+    print("READY " + json.dumps({"steps_per_epoch": per_epoch, "machine": machine()}),
+          flush=True)
     for line in sys.stdin:
         command = json.loads(line)
         if command["op"] == "quit":
@@ -245,10 +250,7 @@ def side_by_side(args):
         w.quit()
     for w in sides.values():
         w.proc.wait()
-    # The Keras side's view: its backend and oneDNN state, its GPU if any.
-    result["machine"] = result["sides"]["keras"]["machine"]
-    for side in result["sides"].values():
-        side.pop("machine", None)
+    result["machine"] = sides["keras"].info["machine"]
     t = result["sides"]["torch"]["img_s_median"]
     for name in sides:
         if name != "torch":
