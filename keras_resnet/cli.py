@@ -8,11 +8,11 @@ def demo_main(argv=None):
     """Build a ResNet, print its summary and run one forward pass."""
     import numpy as np
 
-    from keras_resnet.model import MODELS, build_model
+    from keras_resnet.model import MODELS, STEMS, build_model
 
     parser = argparse.ArgumentParser(description=demo_main.__doc__)
     parser.add_argument("--model", default="resnet18", choices=list(MODELS))
-    parser.add_argument("--stem", default="cifar", choices=["imagenet", "cifar", "deep"])
+    parser.add_argument("--stem", default="cifar", choices=STEMS)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--classes", type=int, default=10)
     args = parser.parse_args(argv)

@@ -16,6 +16,7 @@ from keras import layers
 
 # One source of truth for the depths: depth -> (block kind, blocks per stage).
 RESNET_SPECS = {
+    10: ("basic", (1, 1, 1, 1)),
     18: ("basic", (2, 2, 2, 2)),
     34: ("basic", (3, 4, 6, 3)),
     50: ("bottleneck", (3, 4, 6, 3)),
@@ -23,7 +24,7 @@ RESNET_SPECS = {
     152: ("bottleneck", (3, 8, 36, 3)),
 }
 STAGE_FILTERS = (64, 128, 256, 512)
-STEMS = ("imagenet", "cifar", "deep")
+STEMS = ("imagenet", "cifar", "deep", "deep_tiered")
 POOLINGS = (None, "avg", "max")
 
 # Match PyTorch: BatchNorm2d(eps=1e-5, momentum=0.1) == Keras momentum 0.9.
@@ -224,6 +225,8 @@ def resnet_stem(x, kind="imagenet", *, width=64, preact=False, name="stem"):
     - ``"cifar"``: one 3x3/1 conv, no pool (32x32 inputs keep their resolution).
     - ``"deep"``: three 3x3 convs (width/2, width/2, width), the first strided,
       then the 3x3/2 max-pool (ResNet-C, as timm's ``resnet*d``).
+    - ``"deep_tiered"``: the same with widths 3/8 width, width/2, width (24, 32,
+      64: timm's ``resnet*t``).
 
     With ``preact`` the last stem conv has no BN-ReLU: the first block
     normalises its input itself (ResNet v2).
@@ -234,7 +237,8 @@ def resnet_stem(x, kind="imagenet", *, width=64, preact=False, name="stem"):
     if kind == "imagenet":
         x = conv_bn(x, width, 7, 2, name=name, index=1, **last)
     else:
-        x = conv_bn(x, width // 2, 3, 2, name=name, index=1)
+        first = 3 * (width // 8) if kind == "deep_tiered" else width // 2
+        x = conv_bn(x, first, 3, 2, name=name, index=1)
         x = conv_bn(x, width // 2, 3, 1, name=name, index=2)
         x = conv_bn(x, width, 3, 1, name=name, index=3, **last)
     # v1: zero padding equals PyTorch's -inf padding, the input being post-ReLU.
@@ -249,7 +253,7 @@ def build_resnet(depth=18, *, include_top=True, weights=None, input_tensor=None,
                  classifier_activation="softmax", name=None, stem="imagenet",
                  preact=False, zero_init_residual=False, avg_down=False,
                  cardinality=1, base_width=64, width_multiplier=1.0):
-    """Build a ResNet of the given depth (18, 34, 50, 101, 152).
+    """Build a ResNet of the given depth (10, 18, 34, 50, 101, 152).
 
     Arguments follow ``keras.applications.ResNet50``: ``include_top``,
     ``weights`` (None, ``"imagenet"``, or the path of a PyTorch ``.pth`` /
@@ -261,7 +265,8 @@ def build_resnet(depth=18, *, include_top=True, weights=None, input_tensor=None,
     (None gives logits), ``name``. Variants:
 
     Args:
-        stem: "imagenet" (7x7/2 + pool), "cifar" (3x3/1) or "deep" (ResNet-C).
+        stem: "imagenet" (7x7/2 + pool), "cifar" (3x3/1), "deep" (ResNet-C) or
+            "deep_tiered" (timm's ``resnet*t``).
         preact: pre-activation blocks (ResNet v2).
         zero_init_residual: last BN gamma of each block starts at 0.
         avg_down: ResNet-D shortcut (average-pool, then 1x1/1 conv).
@@ -334,9 +339,12 @@ def _default_name(depth, stem, preact, avg_down, cardinality, base_width,
         base = f"resnet{depth}"
     if preact:
         base = "preact_" + base
-    # timm's suffixes: "c" deep stem, "d" deep stem + average-pool shortcut.
+    # timm's suffixes: "c" deep stem, "d" deep stem + average-pool shortcut,
+    # "t" tiered deep stem + average-pool shortcut.
     if stem == "deep":
         return base + ("d" if avg_down else "c")
+    if stem == "deep_tiered" and avg_down:
+        return base + "t"
     if avg_down:
         base += "_avgdown"
     return base if stem == "imagenet" else f"{base}_{stem}"
@@ -400,6 +408,7 @@ def build_resnet152(**kwargs):
 
 # Named variants: one line of builder options each (used by the CLIs).
 MODELS = {
+    "resnet10t": {"depth": 10, "stem": "deep_tiered", "avg_down": True},  # timm
     "resnet18": {"depth": 18},
     "resnet34": {"depth": 34},
     "resnet50": {"depth": 50},

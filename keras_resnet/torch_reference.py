@@ -7,7 +7,8 @@ equivalence tests and ``scripts/benchmark_training.py`` use it; torch is a dev
 dependency only, so nothing else in the package imports this module.
 
 - ``ResNet``: torchvision ``resnet.py`` (ResNet, ResNeXt, Wide ResNet), with
-  timm's deep stem and ResNet-D average-pool shortcut (``resnet18d``).
+  timm's deep (and tiered) stem and ResNet-D average-pool shortcut (``resnet18d``,
+  ``resnet10t``).
 - ``PreActResNet``: timm ``resnetv2.py`` with pre-activation basic /
   bottleneck blocks (``BatchNormAct2d`` = BN then ReLU, "fixed" zero-padded
   stem pool).
@@ -83,10 +84,11 @@ class ResNet(nn.Module):
         elif stem == "imagenet":
             self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
             self.maxpool = nn.MaxPool2d(3, 2, 1)
-        else:  # timm's deep stem, stem_width 32
+        else:  # timm's deep stem, stem_width 32; "tiered": 24 channels first
+            first = 24 if stem == "deep_tiered" else 32
             self.conv1 = nn.Sequential(
-                nn.Conv2d(3, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(True),
-                nn.Conv2d(32, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(True),
+                nn.Conv2d(3, first, 3, 2, 1, bias=False), nn.BatchNorm2d(first), nn.ReLU(True),
+                nn.Conv2d(first, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(True),
                 nn.Conv2d(32, 64, 3, 1, 1, bias=False))
             self.maxpool = nn.MaxPool2d(3, 2, 1)
         self.bn1 = nn.BatchNorm2d(64)

@@ -807,8 +807,9 @@ def source_path(weights):
 def infer_stem(model):
     """The stem a keras_resnet model was built with, from its layer names."""
     names = {layer.name for layer in model.layers}
-    if "stem_conv3" in names:
-        return "deep"
+    if "stem_conv3" in names:  # the tiered stem's first conv is narrower (24 of 32)
+        narrow = model.get_layer("stem_conv1").filters < model.get_layer("stem_conv2").filters
+        return "deep_tiered" if narrow else "deep"
     return "imagenet" if "stem_pool" in names else "cifar"
 
 
@@ -833,7 +834,11 @@ def pretrained_source(config):
         # names its first layer before anything is written).
         backbone = build_model(config.model, stem=stem, include_top=False,
                                input_shape=source.input_shape[1:])
-        weights_lib.copy_weights(source, backbone, skip=NOT_BACKBONE)
+        try:
+            weights_lib.copy_weights(source, backbone, skip=NOT_BACKBONE)
+        except ValueError as e:
+            raise ValueError(f"{e}: --model {config.model} is not the network in {path!r}; "
+                             "pass the --model it was trained with") from None
         return backbone, pre, stem
     stem = config.stem or "imagenet"
     source = build_model(config.model, stem=stem, include_top=False,

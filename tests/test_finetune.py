@@ -11,6 +11,7 @@ import pytest
 from helpers import run_main, write_folder
 
 from keras_resnet import build_classifier, cli
+from keras_resnet import build_model as kr_build
 from keras_resnet import training as T
 
 
@@ -169,6 +170,14 @@ def test_bad_finetune_flags(pretrained_run, new_task, tmp_path, extra, message):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("name, stem", [("resnet18", "imagenet"), ("resnet18d", "deep"),
+                                        ("resnet10t", "deep_tiered")])
+def test_the_stem_of_a_saved_model_is_read_from_its_layers(name, stem):
+    """Fine-tuning from a .keras file rebuilds its backbone with this stem."""
+    assert T.infer_stem(kr_build(name, input_shape=(64, 64, 3))) == stem
+    assert T.infer_stem(kr_build(name, stem="cifar", input_shape=(32, 32, 3))) == "cifar"
+
+
 def test_bad_weights_and_folders_are_refused_before_anything_is_written(
         pretrained_run, new_task, tmp_path):
     from PIL import Image
@@ -184,7 +193,7 @@ def test_bad_weights_and_folders_are_refused_before_anything_is_written(
     cases.append((finetune_args(new_task, tmp_path / "missing.pth", out),
                   "neither 'imagenet', a weights file nor a run directory"))
     cases.append((finetune_args(new_task, pretrained_run, out, "--model", "resnet34"),
-                  "has no layer 'stage1_block3_conv1'"))
+                  "has no layer 'stage1_block3_conv1': --model resnet34 is not the network"))
     single = tmp_path / "single" / "train" / "only"
     os.makedirs(single)
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(single / "a.png")

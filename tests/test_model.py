@@ -26,6 +26,7 @@ def test_imagenet_parameter_counts_equal_torchvision(depth, expected):
     ("wide_resnet50_2", 68_883_240),   # torchvision
     ("resnet50d", 25_576_264),         # timm
     ("resnet18d", 11_708_744),         # timm
+    ("resnet10t", 5_435_488),          # timm (its resnet10t: 5.4M)
 ])
 def test_variant_parameter_counts(name, expected):
     assert trainable_count(kr.build_model(name)) == expected
@@ -95,6 +96,10 @@ def test_variants_structure():
     assert {"stem_conv1", "stem_conv2", "stem_conv3", "stage2_block1_down_pool"} <= names
     assert d.get_layer("stem_conv1").filters == 32
     assert d.get_layer("stage2_block1_down_conv").strides == (1, 1)
+    t = kr.build_model("resnet10t", input_shape=(64, 64, 3))
+    assert [t.get_layer(f"stem_conv{i}").filters for i in (1, 2, 3)] == [24, 32, 64]
+    assert "stage1_block2_conv1" not in {la.name for la in t.layers}  # one block a stage
+    assert t.name == "resnet10t"
     x = kr.build_model("resnext50_32x4d", input_shape=(64, 64, 3))
     assert x.get_layer("stage1_block1_conv2").groups == 32
     assert x.get_layer("stage1_block1_conv2").filters == 128

@@ -271,7 +271,7 @@ API_CASES = [
                                                          str(p.root / "bad.tflite")),
      ["bad.tflite", "must end in .pth, .pt, .bin, .safetensors, .weights.h5 or .keras"]),
     ("build-model-name", lambda p: K.build_model("resnet19"),
-     ["model: got 'resnet19'", "allowed: resnet18"]),
+     ["model: got 'resnet19'", "allowed: resnet10t, resnet18"]),
     ("build-input", lambda p: K.build_resnet18(input_shape=(4, 4, 3)),
      ["input_shape: got (4, 4, 3)", "needs height and width >= 32"]),
     ("build-classes", lambda p: K.build_resnet18(classes=0),

@@ -56,7 +56,8 @@ def test_checkpoint_file_gives_reference_logits(name, suffix, tmp_path):
                                atol=1e-4 * np.abs(expected).max())
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnet18d", "preact_resnet18"])
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnet18d", "resnet10t",
+                                  "preact_resnet18"])
 def test_save_torch_weights_loads_strictly_into_the_reference(name, tmp_path):
     from safetensors.torch import load_file
 
