@@ -5,7 +5,7 @@ import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # JAX's persistent compilation cache, shared by every JAX process the suite starts:
-# each one builds the same ResNet18, whose initializers and steps then compile once.
+# programs they share (initialisers, the same steps in a rerun) then compile once.
 JAX_CACHE = tempfile.mkdtemp(prefix="keras_resnet_jax_cache_")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", JAX_CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
