@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from keras_resnet.torch_reference import build_reference
+from keras_resnet.model import MODELS
+from keras_resnet.torch_reference import BasicBlock, Bottleneck, build_reference
 from keras_resnet.training import LR_REFERENCE_BATCH, ONE_CYCLE_START
 
 
@@ -43,20 +44,23 @@ def pad_crop_flip(images, padding, generator):
 
 
 class TorchRecipe:
-    """ResNet18 (CIFAR stem) trained with the project's recipe on uint8 NHWC arrays."""
+    """A network of ``keras_resnet.MODELS`` (ResNet18 by default) with the CIFAR stem,
+    trained with the project's recipe on uint8 NHWC arrays."""
 
     # Defaults: training.TrainConfig's (the stem's whitening start and TTA, one-off
     # extras that change neither a step nor its cost, are left out on both sides).
     def __init__(self, *, num_classes, mean, std, batch_size, total_steps, lr=0.4,
                  weight_decay=5e-4, label_smoothing=0.1, warmup_steps=0, padding=2,
-                 device="cpu", compile_model=False, bf16=False, seed=0):
+                 device="cpu", compile_model=False, bf16=False, seed=0, model="resnet18"):
         torch.manual_seed(seed)
         self.device, self.bf16, self.batch_size = torch.device(device), bf16, batch_size
-        model = build_reference({"depth": 18}, num_classes, "cifar")
+        model = build_reference(MODELS[model], num_classes, "cifar")
         model = model.to(self.device, memory_format=torch.channels_last)
-        # Zero-init residual, as the recipe: the last BN gamma of each block starts at 0.
-        for block in (m for m in model.modules() if hasattr(m, "bn2")):
-            nn.init.zeros_(block.bn2.weight)
+        # Zero-init residual, as the recipe: the last BN gamma of each block starts at 0
+        # (pre-activation blocks end in a conv: nothing to zero, as in Keras).
+        for block in model.modules():
+            if isinstance(block, (BasicBlock, Bottleneck)):
+                nn.init.zeros_((block.bn3 if isinstance(block, Bottleneck) else block.bn2).weight)
         self.model = torch.compile(model) if compile_model else model
         decay = [p for p in model.parameters() if p.ndim > 1]  # no decay on BN / biases
         rest = [p for p in model.parameters() if p.ndim <= 1]

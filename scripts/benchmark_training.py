@@ -1,4 +1,5 @@
-"""Training speed of ResNet18 (CIFAR stem), side by side.
+"""Training speed of ResNet18 (or ``--model``, a name of keras_resnet.MODELS; CIFAR stem),
+side by side.
 
 Two modes; the last output line is one JSON object, with the machine.
 
@@ -70,6 +71,8 @@ def keras_worker(args):
     # isort: split
     import keras
 
+    check_model(args["model"])
+
     precision = args["precision"]
     if precision == "match":  # what the PyTorch side runs: bf16 autocast on a GPU only
         precision = "bfloat16" if training.gpu_capability() is not None else "float32"
@@ -84,7 +87,7 @@ def keras_worker(args):
     def build(total_steps):
         keras.utils.set_random_seed(0)
         model = training.build_classifier(
-            "resnet18", image_size=(32, 32), num_classes=classes, mean=CIFAR_MEAN,
+            args["model"], image_size=(32, 32), num_classes=classes, mean=CIFAR_MEAN,
             std=CIFAR_STD, stem="cifar", augmenter=training.build_augmenter(
                 config.augment(), (32, 32), 0), zero_init_residual=True)
         per_epoch = max(total_steps // config.epochs, 1)
@@ -121,6 +124,7 @@ def torch_worker(args):
 
     from keras_resnet.torch_training import TorchRecipe
 
+    check_model(args["model"])
     gpu = torch.cuda.is_available()
     x, y, tx, ty, classes = load_arrays(args)
     state, rng = {}, np.random.default_rng(0)
@@ -131,7 +135,8 @@ def torch_worker(args):
         state["recipe"] = TorchRecipe(
             num_classes=classes, mean=CIFAR_MEAN, std=CIFAR_STD,
             batch_size=args["batch_size"], total_steps=total_steps,
-            device="cuda" if gpu else "cpu", bf16=gpu, compile_model=compiled)
+            device="cuda" if gpu else "cpu", bf16=gpu, compile_model=compiled,
+            model=args["model"])
         return {"torch_compile": compiled, "bf16": gpu, "threads": torch.get_num_threads(),
                 "torch": torch.__version__,
                 "device": torch.cuda.get_device_name(0) if gpu else "CPU"}
@@ -147,6 +152,16 @@ def torch_worker(args):
         return round(state["recipe"].accuracy(tx, ty), 4)
 
     return build, steps, score, per_epoch
+
+
+def check_model(name):
+    """In each worker (the parent imports no Keras): an unknown --model stops it, with
+    the names allowed, before anything is built."""
+    from keras_resnet.model import MODELS
+
+    if name not in MODELS:
+        print(f"error: --model: got {name!r}; one of {', '.join(MODELS)}", file=sys.stderr)
+        sys.exit(2)
 
 
 def serve(side, args):
@@ -188,6 +203,11 @@ class Worker:
         built and timed one after the other."""
         self.info = self._read("READY ")
 
+    def stop(self):
+        """End it now (another worker failed to start)."""
+        self.proc.kill()
+        self.proc.wait()
+
     def _read(self, prefix):
         for line in self.proc.stdout:
             if line.startswith(prefix):
@@ -206,7 +226,8 @@ class Worker:
 
 
 def side_by_side(args):
-    worker_args = {"batch_size": args.batch_size, "precision": args.precision,
+    worker_args = {"model": args.model, "batch_size": args.batch_size,
+                   "precision": args.precision,
                    "data_dir": args.data_dir, "max_train_images": args.max_train_images,
                    "max_eval_images": args.max_eval_images,
                    "epochs": args.epochs, "torch_compile": args.torch_compile,
@@ -216,13 +237,20 @@ def side_by_side(args):
     for setting in args.keras_env:  # the Keras side again, under one more variable
         name, _, value = setting.partition("=")
         sides[f"keras {setting}"] = Worker("keras", worker_args, args.backend, {name: value})
-    for w in sides.values():
-        w.ready()
+    try:
+        for w in sides.values():
+            w.ready()
+    except RuntimeError as e:  # its message (a bad --model, say) is on stderr above
+        for w in sides.values():
+            w.stop()
+        print(f"error: a worker stopped before it was ready: {e}", file=sys.stderr)
+        sys.exit(2)
     per_epoch = sides["keras"].info["steps_per_epoch"]
     if max(args.steps, args.warmup) > per_epoch:  # a Keras epoch is one pass of the feed
         raise SystemExit(f"error: --steps / --warmup: at most {per_epoch}, the batches in one "
                          "pass over the training images")
-    result = {"backend": args.backend, "batch_size": args.batch_size, "steps": args.steps,
+    result = {"backend": args.backend, "model": args.model, "batch_size": args.batch_size,
+              "steps": args.steps,
               "rounds": args.rounds, "sides": {}}
     total = args.warmup + args.rounds * args.steps
     runs = {name: [] for name in sides}
@@ -272,6 +300,7 @@ def settings_mode(args):
     import keras
     import tensorflow as tf
 
+    check_model(args.model)
     settings = args.settings.split(",")
     for s in settings:
         precision, *options = s.split("+")
@@ -283,7 +312,7 @@ def settings_mode(args):
         precision, *options = setting.split("+")
         keras.mixed_precision.set_global_policy(training.resolve_precision(precision))
         keras.utils.set_random_seed(0)
-        model = build_classifier("resnet18", image_size=(32, 32), num_classes=10,
+        model = build_classifier(args.model, image_size=(32, 32), num_classes=10,
                                  mean=CIFAR_MEAN, std=CIFAR_STD, stem="cifar")
         if "kerasbn" in options:  # the same model with Keras's composed BatchNorm
             model = keras.models.clone_model(model, clone_function=lambda layer: (
@@ -332,6 +361,9 @@ def main():
                         help="without --backend: comma-separated float32 | bfloat16 | "
                         "float16, optional +xla and +kerasbn (Keras's BatchNorm instead of "
                         "the fused one; TensorFlow backend)")
+    parser.add_argument("--model", default="resnet18",
+                        help="a name of keras_resnet.MODELS, built with the CIFAR stem (the "
+                        "same network on the PyTorch side)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20, help="training steps per round")
     parser.add_argument("--rounds", type=int, default=3)

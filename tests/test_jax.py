@@ -371,9 +371,10 @@ def test_benchmark_trains_beside_pytorch(jax_env):
     """As on the GPU machines: TensorFlow is not there (for the workers nor the parent)."""
     from helpers import run_script
 
-    result = run_script("benchmark_training.py", "--backend", "jax", "--batch-size", "8",
-                        "--steps", "1", "--rounds", "2", "--warmup", "1", timeout=600,
-                        env={"PYTHONPATH": jax_env["PYTHONPATH"]})
+    env = {"PYTHONPATH": jax_env["PYTHONPATH"]}
+    result = run_script("benchmark_training.py", "--backend", "jax", "--model", "resnet10t",
+                        "--batch-size", "8", "--steps", "1", "--rounds", "2", "--warmup", "1",
+                        timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     keras_side, torch_side = report["sides"]["keras"], report["sides"]["torch"]
@@ -381,8 +382,13 @@ def test_benchmark_trains_beside_pytorch(jax_env):
     assert len(keras_side["img_s_runs"]) == len(torch_side["img_s_runs"]) == 2
     assert report["keras_over_torch"] == pytest.approx(
         keras_side["img_s_median"] / torch_side["img_s_median"], rel=0.01)
-    assert report["backend"] == "jax" and "cores" in report["machine"]
+    assert report["backend"] == "jax" and report["model"] == "resnet10t"
+    assert "cores" in report["machine"]
     assert keras_side["device"] == torch_side["device"] == "CPU"
     assert keras_side["onednn"] is None  # TensorFlow was never imported
     refused = run_script("benchmark_training.py", "--backend", "jax", "--epochs", "1")
     assert refused.returncode == 2 and "--epochs: needs --data-dir" in refused.stderr
+    refused = run_script("benchmark_training.py", "--backend", "jax", "--model", "resnet19",
+                         timeout=120, env=env)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert "--model: got 'resnet19'; one of resnet10t, resnet18" in refused.stderr

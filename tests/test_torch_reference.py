@@ -78,3 +78,22 @@ def test_mismatched_state_dict_is_refused():
         load_torch_state_dict(model, state)
     with pytest.raises(ValueError, match="unknown ResNet module 'layer9.x'"):
         torch_to_keras_name("layer9.x")
+
+
+@pytest.mark.parametrize("name, last_bn", [("resnet10t", "bn2"), ("resnet50", "bn3")])
+def test_benchmark_torch_side_is_the_named_network_with_zero_init_residual(name, last_bn):
+    """scripts/benchmark_training.py --model: PyTorch trains as many parameters as the
+    Keras side, and each block's last BN gamma starts at 0 as the recipe's does."""
+    from keras_resnet.torch_reference import BasicBlock, Bottleneck
+    from keras_resnet.torch_training import TorchRecipe
+
+    recipe = TorchRecipe(num_classes=10, mean=(0, 0, 0), std=(1, 1, 1), batch_size=2,
+                         total_steps=1, model=name)
+    model = kr.build_model(name, stem="cifar", input_shape=(32, 32, 3), classes=10)
+    assert sum(p.numel() for p in recipe.model.parameters()) == sum(
+        int(np.prod(w.shape)) for w in model.trainable_weights)
+    blocks = [m for m in recipe.model.modules() if isinstance(m, (BasicBlock, Bottleneck))]
+    assert len(blocks) == sum(kr.model.RESNET_SPECS[kr.MODELS[name]["depth"]][1])
+    for block in blocks:
+        assert not getattr(block, last_bn).weight.any()
+        assert block.bn1.weight.all()
