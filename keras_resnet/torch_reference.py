@@ -74,7 +74,7 @@ class Bottleneck(nn.Module):
 
 class ResNet(nn.Module):
     def __init__(self, block, layers, num_classes=1000, groups=1, width_per_group=64,
-                 stem="imagenet", avg_down=False):
+                 stem="imagenet", avg_down=False, zero_init_residual=False):
         super().__init__()
         self.inplanes = 64
         self.groups, self.base_width, self.avg_down = groups, width_per_group, avg_down
@@ -99,6 +99,10 @@ class ResNet(nn.Module):
         self.layer4 = self._make_layer(block, 512, layers[3], 2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(512 * block.expansion, num_classes)
+        if zero_init_residual:  # as torchvision: each block's last BN gamma starts at 0
+            for m in self.modules():
+                if isinstance(m, (BasicBlock, Bottleneck)):
+                    nn.init.zeros_((m.bn3 if isinstance(m, Bottleneck) else m.bn2).weight)
 
     def _make_layer(self, block, planes, blocks, stride=1):
         downsample = None
@@ -210,8 +214,11 @@ class PreActResNet(nn.Module):
         return torch.flatten(x, 1)
 
 
-def build_reference(options, num_classes, stem):
-    """The PyTorch reference for one entry of ``keras_resnet.MODELS``."""
+def build_reference(options, num_classes, stem, zero_init_residual=False):
+    """The PyTorch reference for one entry of ``keras_resnet.MODELS``.
+
+    ``zero_init_residual`` (v1 only, as in Keras: a pre-activation block ends in a conv).
+    """
     from keras_resnet.model import RESNET_SPECS
 
     kind, layers = RESNET_SPECS[options["depth"]]
@@ -221,7 +228,8 @@ def build_reference(options, num_classes, stem):
     block = BasicBlock if kind == "basic" else Bottleneck
     width = int(options.get("base_width", 64) * options.get("width_multiplier", 1))
     return ResNet(block, layers, num_classes, groups=options.get("cardinality", 1),
-                  width_per_group=width, stem=stem, avg_down=options.get("avg_down", False))
+                  width_per_group=width, stem=stem, avg_down=options.get("avg_down", False),
+                  zero_init_residual=zero_init_residual)
 
 
 def randomize_bn_statistics(model, seed=0):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from keras_resnet.model import MODELS
-from keras_resnet.torch_reference import BasicBlock, Bottleneck, build_reference
+from keras_resnet.torch_reference import build_reference
 from keras_resnet.training import LR_REFERENCE_BATCH, ONE_CYCLE_START
 
 
@@ -54,13 +54,9 @@ class TorchRecipe:
                  device="cpu", compile_model=False, bf16=False, seed=0, model="resnet18"):
         torch.manual_seed(seed)
         self.device, self.bf16, self.batch_size = torch.device(device), bf16, batch_size
-        model = build_reference(MODELS[model], num_classes, "cifar")
+        # Zero-init residual, as the recipe: the last BN gamma of each block starts at 0.
+        model = build_reference(MODELS[model], num_classes, "cifar", zero_init_residual=True)
         model = model.to(self.device, memory_format=torch.channels_last)
-        # Zero-init residual, as the recipe: the last BN gamma of each block starts at 0
-        # (pre-activation blocks end in a conv: nothing to zero, as in Keras).
-        for block in model.modules():
-            if isinstance(block, (BasicBlock, Bottleneck)):
-                nn.init.zeros_((block.bn3 if isinstance(block, Bottleneck) else block.bn2).weight)
         self.model = torch.compile(model) if compile_model else model
         decay = [p for p in model.parameters() if p.ndim > 1]  # no decay on BN / biases
         rest = [p for p in model.parameters() if p.ndim <= 1]

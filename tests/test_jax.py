@@ -45,7 +45,7 @@ importlib.util.find_spec = find_spec
 
 # resnet10t (one basic block a stage): what these runs test is the same for every depth,
 # and it compiles in three quarters of ResNet-18's time (test_model builds ResNet-18 under
-# JAX; the benchmark test trains it).
+# JAX).
 TINY = ("--preset", "smoke", "--model", "resnet10t", "--validation-size", "8",
         "--max-train-images", "4", "--max-eval-images", "8", "--batch-size", "4",
         "--epochs", "1")
