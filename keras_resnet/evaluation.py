@@ -5,7 +5,6 @@ accuracy, confusion matrix); ``plot_history`` and ``plot_confusion`` draw the
 PNGs a training run leaves in its directory.
 """
 
-import keras
 import numpy as np
 
 
@@ -15,7 +14,7 @@ def predict_probabilities(model, data, tta_flip=False, batch_size=128):
     pipeline); ``tta_flip`` averages the logits with those of the mirrored images."""
     views, labels = view_logits(model, data, (False, True) if tta_flip else (False,),
                                 batch_size)
-    return _softmax(np.mean(views, axis=0)), labels
+    return softmax(np.mean(views, axis=0)), labels
 
 
 def view_logits(model, data, flips, batch_size=128):
@@ -42,15 +41,19 @@ def view_logits(model, data, flips, batch_size=128):
     return [np.asarray(run(flip), np.float32) for flip in flips], np.asarray(labels)
 
 
-def _softmax(logits):
-    return np.asarray(keras.ops.softmax(keras.ops.cast(logits, "float32"), axis=-1))
+def softmax(logits):
+    """Row-wise softmax of NumPy logits, in NumPy: under JAX ``keras.ops.softmax`` on
+    an array compiles a program for each new shape (~0.2 s each on a CPU)."""
+    z = np.asarray(logits, np.float32)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
 
 
 def evaluate(model, data, class_names, tta_flip=False, batch_size=128):
     """top1, top5, per-class accuracy and the confusion matrix on ``data``."""
     views, labels = view_logits(model, data, (False, True) if tta_flip else (False,),
                                 batch_size)
-    probs = _softmax(np.mean(views, axis=0))
+    probs = softmax(np.mean(views, axis=0))
     top5 = np.argsort(-probs, axis=1)[:, :5]
     pred = top5[:, 0]
     n = len(class_names)

@@ -11,6 +11,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_resnet import evaluation
+
 
 def load_source(source):
     """A ``.keras`` file, or a training run directory (its ``best.keras``)."""
@@ -239,7 +241,7 @@ def keras_predictor(model):
 
     def predict(images):
         out = np.asarray(model.predict_on_batch(np.asarray(images, "float32")), "float32")
-        return np.asarray(ops.softmax(out, axis=-1)) if softmax else out
+        return evaluation.softmax(out) if softmax else out
 
     return predict
 

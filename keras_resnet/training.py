@@ -51,7 +51,7 @@ class TrainConfig:
     """One training run. Defaults are the project's recipe for CIFAR-10."""
 
     model: str = "resnet18"            # a name of keras_resnet.MODELS
-    stem: str = "cifar"                # imagenet | cifar | deep
+    stem: str = "cifar"                # imagenet | cifar | deep | deep_tiered
     dataset: str = "cifar10"           # tfds name, used without data_dir
     data_dir: str | None = None        # image folder root/<split>/<class>/*; None = tfds
     tfds_data_dir: str | None = None   # tfds data directory (default: TFDS_DATA_DIR)
@@ -127,7 +127,8 @@ class TrainConfig:
     def validate(self):
         """Raise ``ValueError`` naming the first bad field, before any work."""
         checks = [
-            ("model", self.model in MODELS, f"one of {', '.join(MODELS)}"),
+            ("model", self.model in MODELS or (self.model is None and hasattr(self, "weights")),
+             f"one of {', '.join(MODELS)}"),
             ("stem", self.stem in STEMS or (self.stem is None and hasattr(self, "weights")),
              f"one of {', '.join(STEMS)}"),
             ("epochs", _is_int(self.epochs) and self.epochs >= 1, "an integer >= 1"),
@@ -296,9 +297,10 @@ def check_backend(config):
 
 
 def smoke_config(**overrides):
-    """A tiny run for tests and CI: few images, one epoch, small batches."""
+    """A tiny run for tests and CI: the smallest network (resnet10t, about 0.7x
+    ResNet-18's time in such a run), few images, one epoch, small batches."""
     return dataclasses.replace(
-        TrainConfig(epochs=1, batch_size=8, validation_size=16, max_train_images=64,
+        TrainConfig(model="resnet10t", epochs=1, batch_size=8, validation_size=16, max_train_images=64,
                     max_eval_images=16, verbose=0, warmup_epochs=0.0), **overrides)
 
 
@@ -753,6 +755,7 @@ class FinetuneConfig(TrainConfig):
     """
 
     weights: str = "imagenet"          # imagenet | .pth / .safetensors | .keras / run dir
+    model: str | None = None           # None = the network of the weights' run, else resnet18
     mode: str = "full"                 # linear: head only | top: last stages + head | full
     unfreeze_stages: int = 1           # mode top: how many of the 4 stages train
     backbone_lr_scale: float = 0.1     # backbone LR = this x the head's (top, full)
@@ -802,6 +805,22 @@ def source_path(weights):
         raise ValueError(f"weights: {weights!r} must be 'imagenet', a PyTorch checkpoint "
                          "(.pth, .pt, .bin, .safetensors) or a keras_resnet .keras model")
     return path
+
+
+def network_of(weights):
+    """The name in MODELS of the network behind ``--weights``: what the config.json of
+    a keras_resnet run says (``weights`` its directory or a .keras file in it), else
+    resnet18 (ImageNet and PyTorch checkpoints)."""
+    if weights != "imagenet" and source_path(weights).endswith(".keras"):
+        run = weights if os.path.isdir(weights) else os.path.dirname(weights)
+        try:
+            with open(os.path.join(run, "config.json")) as f:
+                model = json.load(f).get("model")
+        except (OSError, ValueError, AttributeError):
+            model = None
+        if model in MODELS:
+            return model
+    return "resnet18"
 
 
 def infer_stem(model):
@@ -1048,6 +1067,8 @@ def train(config, *, score_test=True):
     set; the others return ``{"process_id": I}``.
     """
     config.validate()
+    if config.model is None:  # fine-tuning: the network of its weights
+        config = dataclasses.replace(config, model=network_of(config.weights))
     check_output_dir(config.output_dir)
     # First backend call: multi-worker collectives (TF) and jax.distributed must be
     # set up before anything else runs.

@@ -4,6 +4,7 @@ bad input refused before anything is written."""
 import json
 import os
 import re
+import shutil
 
 import keras
 import numpy as np
@@ -80,7 +81,8 @@ def test_backbone_learning_rate_is_scaled_and_held_at_zero_for_head_steps():
 
 @pytest.fixture(scope="module")
 def pretrained_run(tmp_path_factory):
-    """A tiny keras_resnet run directory to fine-tune from (as a pretraining would)."""
+    """A tiny keras_resnet run directory to fine-tune from (as a pretraining would):
+    resnet10t, the smoke preset's network."""
     tmp = tmp_path_factory.mktemp("pre")
     root = write_folder(tmp / "data", per_class=8, size=32)
     T.train(T.smoke_config(data_dir=str(root), output_dir=str(tmp / "run"),
@@ -119,6 +121,7 @@ def test_finetune_from_a_run_directory_keeps_its_preprocessing(pretrained_run, n
                                   source.get_layer("stem_conv1").get_weights()[0])
     config = json.loads((out / "config.json").read_text())
     assert config["mode"] == "top" and config["weights"] == str(pretrained_run)
+    assert config["model"] == "resnet10t"  # no --model: the run's own network
     metrics = json.loads((out / "test_metrics.json").read_text())
     assert metrics["num_images"] == 12 and set(metrics["per_class"]) == {"ant", "bee"}
 
@@ -193,7 +196,11 @@ def test_bad_weights_and_folders_are_refused_before_anything_is_written(
     cases.append((finetune_args(new_task, tmp_path / "missing.pth", out),
                   "neither 'imagenet', a weights file nor a run directory"))
     cases.append((finetune_args(new_task, pretrained_run, out, "--model", "resnet34"),
-                  "has no layer 'stage1_block3_conv1': --model resnet34 is not the network"))
+                  "has no layer 'stage1_block2_conv1': --model resnet34 is not the network"))
+    lonely = tmp_path / "lonely.keras"  # no config.json beside it: resnet18 is assumed
+    shutil.copy(pretrained_run / "best.keras", lonely)
+    cases.append((finetune_args(new_task, lonely, out),
+                  "--model resnet18 is not the network in"))
     single = tmp_path / "single" / "train" / "only"
     os.makedirs(single)
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(single / "a.png")

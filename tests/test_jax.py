@@ -2,7 +2,7 @@
 importable, as on the GPU machines (JAX and PyTorch, no TensorFlow).
 
 The subprocess tests run a fresh Python with ``KERAS_BACKEND=jax`` and a
-``sitecustomize`` that makes ``import tensorflow`` fail; the in-process tests
+``sitecustomize`` that makes ``import tensorflow`` (and scikit-learn) fail; the in-process tests
 check the flags and the memory pipeline on the TensorFlow backend the suite runs on.
 """
 
@@ -25,7 +25,9 @@ BLOCK_TENSORFLOW = '''
 import importlib.util
 import sys
 
-BLOCKED = ("tensorflow", "tensorflow_datasets")
+# scikit-learn too: Keras imports it at start-up when it is there (for its scikit-learn
+# wrappers; here only keras-tuner's Bayesian oracle needs it), 0.6-0.9 s a process.
+BLOCKED = ("tensorflow", "tensorflow_datasets", "sklearn")
 
 
 class NoTensorFlow:
@@ -104,7 +106,6 @@ def test_train_data_parallel_and_predict_without_tensorflow(jax_env, folder, tmp
     first = _start_commands(jax_env, [
         ("train_main", [*train, "--output-dir", one]),
         ("finetune_main", ["--data-dir", folder, "--weights", one, "--output-dir", tuned,
-                           "--model", "resnet10t",
                            "--mode", "linear",  # the smallest training step to compile
                            "--epochs", "1", "--crop", "pad", "--batch-size", "4",
                            "--validation-size", "8", "--max-train-images", "4",
@@ -364,6 +365,17 @@ def test_evaluate_takes_arrays():
     assert report["top1"] == round(float(np.mean(pred == labels)), 4)
     single = round(float(np.mean(np.argmax(plain, 1) == labels)), 4)
     assert report["top1_single_view"] == single
+
+
+def test_softmax_of_arrays_is_numpy_and_keras_alike():
+    """NumPy (no program to compile under JAX), equal to keras.ops.softmax, stable for
+    large logits."""
+    logits = np.array([[1.0, 2.0, 3.0], [1000.0, 0.0, -1000.0], [-5.0, -5.0, -5.0]])
+    probs = evaluation.softmax(logits)
+    assert isinstance(probs, np.ndarray) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs, keras.ops.softmax(logits.astype("float32")), atol=1e-6)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-6)
+    assert probs[1].tolist() == [1.0, 0.0, 0.0] and np.allclose(probs[2], 1 / 3)
 
 
 @pytest.mark.slow
