@@ -371,3 +371,36 @@ def test_a_single_class_folder_is_refused(tmp_path):
     root = write_folder(tmp_path, classes=("cat",))
     with pytest.raises(D.DataError, match="images of 1 class; a classifier needs at least 2"):
         D.load_splits(data_dir=str(root))
+
+
+def test_pack_images_round_trip_byte_for_byte(tmp_path):
+    """scripts/pack_images.py: one .npz out of a folder and the same tree back; bad
+    input stops with a message and leaves nothing behind."""
+    from helpers import run_script
+
+    root = write_folder(tmp_path / "images", per_class=3, size=8)
+    (root / "README.md").write_text("notes")
+    packed = tmp_path / "images.npz"
+    result = run_script("pack_images.py", "pack", root, packed)
+    assert result.returncode == 0 and "19 files" in result.stdout, result.stderr
+    result = run_script("pack_images.py", "unpack", packed, tmp_path / "back")
+    assert result.returncode == 0 and "19 files" in result.stdout, result.stderr
+
+    def tree(top):
+        return {os.path.relpath(os.path.join(d, f), top): open(os.path.join(d, f), "rb").read()
+                for d, _, files in os.walk(top) for f in files}
+
+    assert tree(tmp_path / "back") == tree(root) and len(tree(root)) == 19
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"not a zip")
+    escape = tmp_path / "escape.npz"
+    np.savez(escape, data=np.zeros(1, np.uint8), offsets=np.array([0, 1]),
+             paths=np.array([b"a/../../evil"]))
+    for args, message in ((["unpack", packed, tmp_path / "back"], "exists; unpack into a new"),
+                          (["pack", tmp_path / "nope", tmp_path / "x.npz"], "is not a folder"),
+                          (["unpack", junk, tmp_path / "new"], "is not a file written by"),
+                          (["unpack", escape, tmp_path / "new"], "outside the folder")):
+        result = run_script("pack_images.py", *map(str, args))
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["back", "escape.npz", "images", "images.npz",
+                                            "junk.npz"]
