@@ -37,10 +37,13 @@ def _config_parser(cls, description):
 
     parser = argparse.ArgumentParser(description=description)
     hints = typing.get_type_hints(cls)
+    comments = _field_comments(cls)
     for field in dataclasses.fields(cls):
         flag = "--" + field.name.replace("_", "-")
         kind = hints[field.name]
         help_text = f"default: {field.default}"
+        if field.name in comments:
+            help_text = f"{comments[field.name]} ({help_text})".replace("%", "%%")
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
@@ -49,6 +52,28 @@ def _config_parser(cls, description):
             parser.add_argument(flag, type=base, default=argparse.SUPPRESS,
                                 metavar=field.name.upper(), help=help_text)
     return parser
+
+
+def _field_comments(cls):
+    """{field: the comment beside it in the class's source}, continued on the ``#``
+    lines below it, the subclass's over its base's: the config dataclasses are the one
+    place each setting is explained, and ``--help`` shows it."""
+    import inspect
+    import re
+
+    comments = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        name = None
+        for line in inspect.getsource(klass).splitlines():
+            field = re.match(r" {4}(\w+): [^=]+= .*?#\s*(.*)$", line)
+            more = re.match(r" {4}# {10,}(\S.*)$", line)
+            if field:
+                name, comments[field[1]] = field[1], field[2].strip()
+            elif more and name:
+                comments[name] += " " + more[1].strip()
+            else:
+                name = None
+    return comments
 
 
 def _fail(message):

@@ -213,6 +213,17 @@ def test_help_lists_defaults():
                  "--seed", "--max-train-images", "--max-eval-images", "--optimizer",
                  "--schedule", "--precision", "--strategy", "--no-crop-flip"):
         assert flag in result.stdout
+    # Each setting's comment in TrainConfig, continuation lines too, beside its default.
+    text = " ".join(result.stdout.split())
+    assert "--crop-padding CROP_PADDING pad crop: pixels of zero padding (max shift) (default: 2)" \
+        in text
+    helps = {a.dest: a.help for a in cli._config_parser(T.TrainConfig, "")._actions}
+    assert helps["strategy"] == ("default | mirrored | multiworker (TensorFlow) | "
+                                 "data-parallel (JAX: keras.distribution) (default: default)")
+    assert "--momentum MOMENTUM default: 0.9" in text  # no comment: the default alone
+    tuned = run_main(cli.finetune_main, "--help")  # the subclass's comment wins
+    assert "None = the network of the weights' run, else resnet18 (default: None)" in " ".join(
+        tuned.stdout.split())
 
 
 def schedule_at(config, steps_per_epoch, lr, steps):
