@@ -63,8 +63,12 @@ def _field_comments(cls):
 
     comments = {}
     for klass in reversed(cls.__mro__[:-1]):
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):  # no source (a .pyc-only install): defaults alone
+            continue
         name = None
-        for line in inspect.getsource(klass).splitlines():
+        for line in lines:
             field = re.match(r" {4}(\w+): [^=]+= .*?#\s*(.*)$", line)
             more = re.match(r" {4}# {10,}(\S.*)$", line)
             if field:

@@ -206,7 +206,7 @@ def test_bad_flags_fail_fast(flags, message, tmp_path):
     assert time.time() - start < 60
 
 
-def test_help_lists_defaults():
+def test_help_lists_defaults(monkeypatch):
     result = run_main(cli.train_main, "--help")
     assert result.returncode == 0
     for flag in ("--model", "--data-dir", "--epochs", "--batch-size", "--output-dir",
@@ -224,6 +224,14 @@ def test_help_lists_defaults():
     tuned = run_main(cli.finetune_main, "--help")  # the subclass's comment wins
     assert "None = the network of the weights' run, else resnet18 (default: None)" in " ".join(
         tuned.stdout.split())
+    import inspect
+
+    def no_source(obj):
+        raise OSError("could not get source code")
+
+    monkeypatch.setattr(inspect, "getsource", no_source)  # a .pyc-only install
+    helps = {a.dest: a.help for a in cli._config_parser(T.TrainConfig, "")._actions}
+    assert helps["strategy"] == "default: default"
 
 
 def schedule_at(config, steps_per_epoch, lr, steps):
