@@ -300,8 +300,9 @@ def smoke_config(**overrides):
     """A tiny run for tests and CI: the smallest network (resnet10t, about 0.7x
     ResNet-18's time in such a run), few images, one epoch, small batches."""
     return dataclasses.replace(
-        TrainConfig(model="resnet10t", epochs=1, batch_size=8, validation_size=16, max_train_images=64,
-                    max_eval_images=16, verbose=0, warmup_epochs=0.0), **overrides)
+        TrainConfig(model="resnet10t", epochs=1, batch_size=8, validation_size=16,
+                    max_train_images=64, max_eval_images=16, verbose=0, warmup_epochs=0.0),
+        **overrides)
 
 
 def baseline_config(**overrides):
