@@ -814,11 +814,7 @@ def network_of(weights):
     resnet18 (ImageNet and PyTorch checkpoints)."""
     if weights != "imagenet" and source_path(weights).endswith(".keras"):
         run = weights if os.path.isdir(weights) else os.path.dirname(weights)
-        try:
-            with open(os.path.join(run, "config.json")) as f:
-                model = json.load(f).get("model")
-        except (OSError, ValueError, AttributeError):
-            model = None
+        model = (read_json_object(os.path.join(run, "config.json")) or {}).get("model")
         if model in MODELS:
             return model
     return "resnet18"

@@ -27,14 +27,14 @@ def pack(folder, out):
                    for d, _, files in os.walk(folder) for f in files)
     if not paths:
         raise ValueError(f"FOLDER: {folder!r} holds no files")
-    chunks = []
+    blobs = []
     for path in paths:
         with open(os.path.join(folder, path), "rb") as f:
-            chunks.append(np.frombuffer(f.read(), np.uint8))
-    offsets = np.cumsum([0] + [len(c) for c in chunks], dtype=np.int64)
+            blobs.append(f.read())
+    offsets = np.cumsum([0] + [len(b) for b in blobs], dtype=np.int64)
     tmp = f"{out}.partial.npz"  # savez appends .npz to a name without it
-    np.savez(tmp, data=np.concatenate(chunks),
-             offsets=offsets, paths=np.array([p.encode() for p in paths]))
+    np.savez(tmp, data=np.frombuffer(b"".join(blobs), np.uint8), offsets=offsets,
+             paths=np.array([p.encode() for p in paths]))
     os.replace(tmp, out)
     return len(paths)
 
