@@ -21,7 +21,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_resnet import locking
+from keras_resnet import atomic, locking
 from keras_resnet.predict import (
     SavedModelRunner,
     TFLiteModel,
@@ -177,11 +177,11 @@ def export(source, output_dir, formats=("saved_model", "tflite_float32"), images
         remove_leftovers(output_dir)
         class_names = class_names or read_labels(model_path)
         if class_names:
-            _atomic_write(os.path.join(output_dir, "labels.txt"),
+            atomic.write(os.path.join(output_dir, "labels.txt"),
                           "".join(f"{n}\n" for n in class_names).encode())
         crop_ratio = read_crop_ratio(model_path)
         if crop_ratio != 1.0:  # predict.py crops as evaluation did
-            _atomic_write(os.path.join(output_dir, "preprocessing.json"),
+            atomic.write(os.path.join(output_dir, "preprocessing.json"),
                           json.dumps({"crop_ratio": crop_ratio}).encode())
         reference = np.asarray(probability_fn(model)(images))
         report = {"source": model_path, "tta_flip": bool(tta_flip), "artifacts": {}}
@@ -212,11 +212,11 @@ def export(source, output_dir, formats=("saved_model", "tflite_float32"), images
                 if os.path.isdir(final):  # moved aside whole (one rename), deleted with tmp
                     os.replace(final, os.path.join(tmp, "previous"))
                 os.replace(staged, final)
-                _atomic_write(final + ".json", json.dumps(figures, indent=2).encode())
+                atomic.write(final + ".json", json.dumps(figures, indent=2).encode())
                 report["artifacts"][fmt] = figures
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-        _atomic_write(os.path.join(output_dir, "export_report.json"),
+        atomic.write(os.path.join(output_dir, "export_report.json"),
                       json.dumps(report, indent=2).encode())
         return report
 
@@ -238,8 +238,3 @@ def _size(path):
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
-def _atomic_write(path, data):
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)

@@ -25,7 +25,7 @@ import time
 import keras
 import numpy as np
 
-from keras_resnet import arrays, evaluation, locking, whitening
+from keras_resnet import arrays, atomic, evaluation, locking, whitening
 from keras_resnet import weights as weights_lib
 from keras_resnet.augment import AugmentConfig, build_augmenter
 from keras_resnet.model import MODELS, STEMS, build_classifier, build_model
@@ -968,10 +968,7 @@ def read_json_object(path):
 
 def write_json(path, obj):
     """Write JSON atomically (temporary file, then rename)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    atomic.write(path, json.dumps(obj, indent=2))
 
 
 def _trim_history(path, epochs_done):
@@ -1025,8 +1022,8 @@ def recover_backup(backup_dir):
         return
     if _backup_readable(weights + ".bkp", metadata + ".bkp"):
         for path in (weights, metadata):
-            shutil.copyfile(path + ".bkp", path + ".tmp")
-            os.replace(path + ".tmp", path)
+            with atomic.replacing(path) as tmp:
+                shutil.copyfile(path + ".bkp", tmp)
         print(f"resume: the last backup in {backup_dir} is damaged; resuming from the one "
               f"before it (after epoch {_backup_epoch(backup_dir)})")
         return

@@ -20,7 +20,7 @@ import typing
 import keras_tuner as kt
 import numpy as np
 
-from keras_resnet import locking, training
+from keras_resnet import atomic, locking, training
 
 TUNERS = ("grid", "random", "bayesian", "hyperband")
 KINDS = ("log", "float", "int", "choice")
@@ -394,12 +394,11 @@ def write_results(oracle, out):
     if not rows:
         return rows
     columns = list(rows[0])
-    tmp = os.path.join(out, "trials.csv.tmp")
-    with open(tmp, "w", newline="") as f:
+    with (atomic.replacing(os.path.join(out, "trials.csv")) as tmp,
+          open(tmp, "w", newline="") as f):
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, os.path.join(out, "trials.csv"))
     done = sorted((r for r in rows if r["status"] == "COMPLETED" and r[OBJECTIVE] is not None),
                   key=lambda r: -r[OBJECTIVE])
     searched = [c for c in columns if c not in ("trial", "status", OBJECTIVE, "epochs",
@@ -416,9 +415,7 @@ def write_results(oracle, out):
     if failed:
         lines += ["", "Failed trials:", ""]
         lines += [f"- trial {r['trial']} ({r['status']}): {r['note']}" for r in failed]
-    with open(os.path.join(out, "results.md.tmp"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(os.path.join(out, "results.md.tmp"), os.path.join(out, "results.md"))
+    atomic.write(os.path.join(out, "results.md"), "\n".join(lines) + "\n")
     if done:
         best = done[0]
         with open(os.path.join(out, "search.json")) as f:
@@ -465,7 +462,6 @@ def plot_search(rows, searched, path, log_axes=()):
             ax.set_xticks(range(len(labels)), labels)
         ax.set(xlabel=name, title=f"{OBJECTIVE} vs {name}")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
+    with atomic.replacing(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)

@@ -17,6 +17,7 @@ import zipfile
 import keras
 import numpy as np
 
+from keras_resnet import atomic
 from keras_resnet.torch_weights import load_torch_state_dict, torch_state_dict
 
 # The input each set of weights was trained on: 0..255 scale mean / std, the
@@ -253,9 +254,8 @@ def imagenet_weights_file(arch):
 
     full = build_model(arch)  # the reference: ImageNet stem, 1000 classes
     load_torch_state_dict(full, read_checkpoint(checkpoint))
-    tmp = converted[:-len(".weights.h5")] + f".{os.getpid()}.tmp.weights.h5"
-    full.save_weights(tmp)
-    os.replace(tmp, converted)
+    with atomic.replacing(converted, suffix=".weights.h5") as tmp:
+        full.save_weights(tmp)
     return converted
 
 
@@ -290,7 +290,6 @@ def save_torch_weights(model, path):
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ValueError(f"path: folder {folder!r} does not exist")
-    tmp = f"{path}.{os.getpid()}.tmp"
-    save_file(torch_state_dict(model), tmp, metadata={"format": "pt"})
-    os.replace(tmp, path)
+    with atomic.replacing(path) as tmp:
+        save_file(torch_state_dict(model), tmp, metadata={"format": "pt"})
     return path

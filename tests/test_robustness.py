@@ -7,6 +7,7 @@ Each case fails before any training starts, so the module stays fast."""
 import json
 import os
 import types
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -327,3 +328,39 @@ def test_huge_and_bomb_images_in_a_training_folder_are_handled(tmp_path):
     images = [x.numpy() for x, _ in s.train]
     assert len(images) == 13 and all(x.shape == (16, 16, 3) for x in images)
     assert json.dumps(s.report)  # the report is plain data
+
+
+def test_writers_of_one_file_never_share_a_temporary_name(tmp_path):
+    """The chief and workers of a search write the same search.json: each write goes
+    through its own temporary file (a shared ``path.tmp`` let one writer rename away the
+    file another was about to rename: FileNotFoundError)."""
+    import threading
+
+    from keras_resnet import atomic
+
+    path = tmp_path / "search.json"
+    errors = []
+
+    def writer(n):
+        try:
+            for i in range(300):
+                training.write_json(path, {"writer": n, "i": i})
+        except Exception as e:  # noqa: BLE001 - collected, asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert json.loads(path.read_text())["i"] == 299
+    assert os.listdir(tmp_path) == ["search.json"]
+    assert atomic.temp_path(path) != atomic.temp_path(path)
+    assert atomic.temp_path(path, suffix=".png").endswith(".tmp.png")
+
+    with pytest.raises(OSError), atomic.replacing(path) as tmp:  # the disk is full
+        Path(tmp).write_text("half")
+        raise OSError(28, "No space left on device")
+    assert os.listdir(tmp_path) == ["search.json"]  # the old file, no temporary one left
+    assert json.loads(path.read_text())["i"] == 299
