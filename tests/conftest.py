@@ -39,7 +39,9 @@ def fresh_keras_state():
     keras.utils.set_random_seed(0)
     yield
     keras.config.set_dtype_policy("float32")
-    keras.utils.clear_session()
+    # Without its gc.collect(): 0.2 s a test with TensorFlow loaded, 5 % of the suite;
+    # Python's own collector still runs (largest process 3.3 -> 4.2 GB of RSS, of 24).
+    keras.utils.clear_session(free_memory=False)
 
 
 def pytest_sessionfinish(session, exitstatus):
