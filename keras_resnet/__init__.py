@@ -1,15 +1,11 @@
 """keras_resnet: the ResNet family for Keras 3, with data, training and export."""
 
-import os
+# First: the environment TensorFlow reads as it loads (oneDNN on, log level), then
+# Keras with TensorFlow's start-up log lines held to that level. Import keras_resnet
+# before keras / tensorflow.
+from keras_resnet import startup
 
-# Quiet TensorFlow's C++ start-up logging unless the user asked for it.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# TensorFlow turns its oneDNN kernels on by default only on CPUs with AVX512-VNNI,
-# AVX512-BF16 or AMX; on others (the AVX2-only EPYC) convolutions run on Eigen kernels
-# built without AVX2 / FMA, and ResNet18 trained 2.5x slower (docs/benchmarks.md).
-# TensorFlow reads this once as it loads: import keras_resnet before keras / tensorflow.
-# A value the user set wins.
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+startup.import_keras()
 
 # Registers the custom augmentation layer, so saved models holding it load.
 from keras_resnet.augment import RandomPadCrop

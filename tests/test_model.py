@@ -269,6 +269,43 @@ def test_machine_names_the_cpu_and_its_speed_flags(tmp_path):
     assert "unknown CPU" in machine(str(tmp_path / "none"))
 
 
+STDERR_AT_IMPORT = (
+    "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+    "I0000 00:00:1796453745.016522   13452 port.cc:153] oneDNN custom operations are on.\n"
+    "W0000 00:00:1796453745.016840   13452 cuda.cc:31] a warning\n"
+    "E1205 06:13:28.000001   13452 file.cc:7] an error\n"
+    "Traceback (most recent call last):\n"
+    "I0 is not a log line\n")
+
+
+@pytest.mark.parametrize("level, dropped", [
+    (0, []), (1, [0, 1]), (2, [0, 1, 2]), (3, [0, 1, 2, 3])])
+def test_start_up_lines_below_the_log_level_are_dropped(level, dropped):
+    from keras_resnet.startup import kept_lines
+
+    lines = STDERR_AT_IMPORT.splitlines(keepends=True)
+    assert kept_lines(STDERR_AT_IMPORT, level) == "".join(
+        line for i, line in enumerate(lines) if i not in dropped)
+
+
+def test_importing_keras_resnet_prints_no_tensorflow_start_up_lines():
+    """TensorFlow 2.21 logs INFO lines as it loads, whatever TF_CPP_MIN_LOG_LEVEL says;
+    keras_resnet holds them back (its default level is 2) and keeps other lines."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env.update(KERAS_BACKEND="tensorflow", TF_ENABLE_ONEDNN_OPTS="1")
+    code = ("import os, sys\n"
+            "class Loud:  # writes a line of its own while Keras loads\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'keras': os.write(2, b'a line of our own\\n')\n"
+            "sys.meta_path.insert(0, Loud())\n"
+            "import keras_resnet, tensorflow\n"
+            "print(os.environ['TF_CPP_MIN_LOG_LEVEL'])")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True)
+    assert run.stdout.split() == ["2"]
+    assert run.stderr == "a line of our own\n", run.stderr
+
+
 @pytest.mark.parametrize("setting, expected", [(None, "on"), ("0", "off")])
 def test_onednn_is_on_unless_the_user_turned_it_off(setting, expected):
     """keras_resnet turns TensorFlow's oneDNN kernels on before TensorFlow loads
