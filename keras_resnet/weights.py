@@ -12,6 +12,7 @@ needed at run time.
 import collections
 import os
 import pickle
+import warnings
 import zipfile
 
 import keras
@@ -182,12 +183,22 @@ def load_weights(model, weights, *, arch=None):
     if not path.endswith(KERAS_SUFFIXES):
         raise ValueError(f"weights: {path!r} must end in .pth, .pt, .bin, .safetensors, "
                          ".weights.h5 or .keras")
-    try:
-        model.load_weights(path)
-    except (ValueError, OSError, KeyError, TypeError) as e:  # Keras raises several types.
-        raise ValueError(f"weights: {path!r} does not fit the architecture of "
-                         f"{model.name!r}: {e}") from None
-
+    # Keras warns that layers it could not match "will retain their freshly-initialized
+    # weights", then raises (its error names the layer: that one is kept) or goes on
+    # loading: either way the file does not fit, said once.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.filterwarnings("always", "(?s).*freshly-initialized", UserWarning)
+        try:
+            model.load_weights(path)
+        except (ValueError, OSError, KeyError, TypeError) as e:  # Keras raises several types.
+            raise ValueError(f"weights: {path!r} does not fit the architecture of "
+                             f"{model.name!r}: {e}") from None
+    for w in caught:
+        if "freshly-initialized" in str(w.message):
+            raise ValueError(f"weights: {path!r} does not fit the architecture of "
+                             f"{model.name!r}: {w.message}")
+    for w in caught:  # the others, as they came
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 def copy_weights(source, target, *, skip=("predictions",)):
     """Copy weights layer by layer (matched by name) from ``source`` into ``target``.

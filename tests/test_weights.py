@@ -102,6 +102,34 @@ def test_a_mismatch_names_the_first_layer_that_does_not_fit(tmp_path):
     assert backbone.output.shape == (None, 512)
 
 
+def test_a_keras_file_that_does_not_fit_is_one_error_not_a_warning(tmp_path, monkeypatch):
+    """Keras warns that unmatched layers "retain their freshly-initialized weights" and
+    then raises, or goes on: one ValueError either way; other warnings pass through."""
+    import warnings
+
+    import keras
+
+    path = str(tmp_path / "r18.weights.h5")
+    kr.build_resnet18(input_shape=(32, 32, 3), classes=10, stem="cifar").save_weights(path)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match=r"r18.weights.h5' does not fit .*predictions"):
+            kr.build_resnet18(input_shape=(32, 32, 3), classes=100, stem="cifar",
+                              weights=path)
+    assert not [w for w in seen if "freshly-initialized" in str(w.message)]
+
+    model = kr.build_resnet18(input_shape=(32, 32, 3), classes=10, stem="cifar")
+    for said in ("Layers will retain their freshly-initialized weights.", "other news"):
+        monkeypatch.setattr(keras.Model, "load_weights",
+                            lambda self, p, said=said: warnings.warn(said, stacklevel=2))
+        if "fresh" in said:
+            with pytest.raises(ValueError, match="does not fit .*retain their fresh"):
+                W.load_weights(model, path)
+        else:
+            with pytest.warns(UserWarning, match="other news"):
+                W.load_weights(model, path)
+
+
 def test_broken_weights_files_are_refused(tmp_path):
     good = save(reference("resnet18"), tmp_path / "good.pth")
     truncated = tmp_path / "cut.pth"
