@@ -4,6 +4,7 @@ reads once, and its start-up log lines held to ``TF_CPP_MIN_LOG_LEVEL``.
 ``keras_resnet/__init__.py`` imports this first, then Keras through ``import_keras``.
 """
 
+import contextlib
 import os
 import re
 import sys
@@ -18,9 +19,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # A value the user set wins.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
-# An abseil log line: severity letter, MMDD, time, thread, file:line].
+# An abseil log line: severity letter (I, W, E: levels 0, 1, 2), MMDD, time, thread,
+# file:line].
 LOG_LINE = re.compile(r"([IWE])\d{4} [\d:.]+ +\d+ \S+:\d+\] ")
-SEVERITY = {"I": 0, "W": 1, "E": 2}
 NOT_INITIALIZED = "WARNING: All log messages before absl::InitializeLog() is called"
 
 
@@ -30,7 +31,7 @@ def kept_lines(text, level):
     kept = []
     for line in text.splitlines(keepends=True):
         head = LOG_LINE.match(line)
-        if head and SEVERITY[head.group(1)] < level:
+        if head and "IWE".index(head.group(1)) < level:
             continue
         if line.startswith(NOT_INITIALIZED) and level >= 1:
             continue
@@ -51,24 +52,31 @@ def import_keras():
     holds nothing and shows everything.
     """
     level = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0")
-    if "tensorflow" in sys.modules or not level.isdigit() or int(level) < 1:
-        import keras
+    level = int(level) if level.isdigit() and "tensorflow" not in sys.modules else 0
+    with _stderr_held_to(level):
+        import keras  # noqa: F401
+
+
+@contextlib.contextmanager
+def _stderr_held_to(level):
+    """Hold what is written to fd 2 inside the block; write back ``kept_lines``.
+    Level 0 (or no stderr to hold) holds nothing."""
+    try:
+        saved = os.dup(2) if level >= 1 else None
+    except OSError:
+        saved = None
+    if saved is None:
+        yield
         return
     sys.stderr.flush()
-    try:
-        saved = os.dup(2)
-    except OSError:  # no stderr to hold
-        import keras
-        return
     with tempfile.TemporaryFile() as held:
         os.dup2(held.fileno(), 2)
         try:
-            import keras  # noqa: F401
+            yield
         finally:
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
             held.seek(0)
-            sys.stderr.write(kept_lines(held.read().decode(errors="replace"), int(level)))
+            sys.stderr.write(kept_lines(held.read().decode(errors="replace"), level))
             sys.stderr.flush()
-

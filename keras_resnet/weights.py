@@ -183,6 +183,10 @@ def load_weights(model, weights, *, arch=None):
     if not path.endswith(KERAS_SUFFIXES):
         raise ValueError(f"weights: {path!r} must end in .pth, .pt, .bin, .safetensors, "
                          ".weights.h5 or .keras")
+    def unfit(reason):
+        return ValueError(f"weights: {path!r} does not fit the architecture of "
+                          f"{model.name!r}: {reason}")
+
     # Keras warns that layers it could not match "will retain their freshly-initialized
     # weights", then raises (its error names the layer: that one is kept) or goes on
     # loading: either way the file does not fit, said once.
@@ -191,14 +195,13 @@ def load_weights(model, weights, *, arch=None):
         try:
             model.load_weights(path)
         except (ValueError, OSError, KeyError, TypeError) as e:  # Keras raises several types.
-            raise ValueError(f"weights: {path!r} does not fit the architecture of "
-                             f"{model.name!r}: {e}") from None
-    for w in caught:
-        if "freshly-initialized" in str(w.message):
-            raise ValueError(f"weights: {path!r} does not fit the architecture of "
-                             f"{model.name!r}: {w.message}")
+            raise unfit(e) from None
+    fresh = [w for w in caught if "freshly-initialized" in str(w.message)]
+    if fresh:
+        raise unfit(fresh[0].message)
     for w in caught:  # the others, as they came
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
 
 def copy_weights(source, target, *, skip=("predictions",)):
     """Copy weights layer by layer (matched by name) from ``source`` into ``target``.
