@@ -62,7 +62,7 @@ class RandomPadCrop(keras.layers.Layer):
 
     Why not Keras's: ``RandomCrop`` cuts one window for the whole batch, and
     ``RandomTranslation`` is marked not jit-compatible, so a model holding it
-    trains without XLA. This is a gather on ``keras.ops``: any backend, under jit.
+    trains without XLA. This is one gather on ``keras.ops``: any backend, under jit.
     """
 
     def __init__(self, padding=4, seed=None, **kwargs):
@@ -74,17 +74,23 @@ class RandomPadCrop(keras.layers.Layer):
         if not training or not self.padding:
             return images
         p = self.padding
-        shape = ops.shape(images)
-        batch, height, width = shape[0], images.shape[1], images.shape[2]
+        batch = ops.shape(images)[0]
+        height, width, channels = images.shape[1], images.shape[2], images.shape[3]
+        padded_height, padded_width = height + 2 * p, width + 2 * p
         padded = ops.pad(images, [[0, 0], [p, p], [p, p], [0, 0]])
         offsets = keras.random.randint((batch, 2), 0, 2 * p + 1, seed=self.seed_generator)
         rows = offsets[:, :1] + ops.arange(height, dtype="int32")[None]  # (batch, height)
         cols = offsets[:, 1:] + ops.arange(width, dtype="int32")[None]   # (batch, width)
-        channels = images.shape[3]
-        rows = ops.broadcast_to(rows[:, :, None, None], (batch, height, width + 2 * p, channels))
-        x = ops.take_along_axis(padded, rows, axis=1)
-        cols = ops.broadcast_to(cols[:, None, :, None], (batch, height, width, channels))
-        return ops.take_along_axis(x, cols, axis=2)
+        # The pixels of the padded batch in one row each: pixel (image, row, col) is
+        # row image * padded_height * padded_width + row * padded_width + col. One
+        # ops.take of int32 indices, not two take_along_axis: on TensorFlow those cast
+        # the indices to int64 and transpose them, which oneDNN does not take (an
+        # "oneDNN supports DT_INT64 only" error line, then Eigen's slower kernels).
+        # int32 holds batch * padded pixels below 2**31 (a batch of 25 GB of float32
+        # images).
+        first = ops.arange(batch, dtype="int32")[:, None, None] * (padded_height * padded_width)
+        index = first + rows[:, :, None] * padded_width + cols[:, None, :]
+        return ops.take(ops.reshape(padded, (-1, channels)), index, axis=0)
 
     def compute_output_shape(self, input_shape):
         return input_shape
