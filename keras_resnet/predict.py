@@ -11,7 +11,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_resnet import evaluation
+from keras_resnet import evaluation, startup
 
 
 def load_source(source):
@@ -194,8 +194,7 @@ class SavedModelRunner:
     """A SavedModel's serving signature: uint8 images -> probabilities."""
 
     def __init__(self, path):
-        import tensorflow as tf
-
+        tf = startup.import_tensorflow()
         try:
             self.fn = tf.saved_model.load(os.fspath(path)).signatures["serving_default"]
         except Exception as e:  # noqa: BLE001 (protobuf DecodeError, OSError, KeyError, ...)
@@ -253,8 +252,7 @@ def image_batches(files, image_size, crop_ratio=1.0, batch_size=32):
     from keras_resnet.training import tensorflow_available
 
     if tensorflow_available():
-        import tensorflow as tf
-
+        tf = startup.import_tensorflow()
         from keras_resnet import data
 
         batches = tf.data.Dataset.from_tensor_slices(list(files)).map(

@@ -23,17 +23,29 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 # file:line].
 LOG_LINE = re.compile(r"([IWE])\d{4} [\d:.]+ +\d+ \S+:\d+\] ")
 NOT_INITIALIZED = "WARNING: All log messages before absl::InitializeLog() is called"
+# TensorFlow's Linux wheel is built with CUDA and calls cuInit on every machine, then logs
+# the failure as an ERROR ("failed call to cuInit: ... UNKNOWN ERROR (303)"). Without an
+# NVIDIA driver that failure says only "no GPU here", which TensorFlow already said.
+CUINIT_FAILED = "failed call to cuInit"
+NVIDIA_DRIVER_PATHS = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/dxg")  # Linux, WSL
 
 
-def kept_lines(text, level):
+def has_nvidia_driver():
+    """Whether this machine has an NVIDIA driver that a CUDA program could reach."""
+    return any(os.path.exists(path) for path in NVIDIA_DRIVER_PATHS)
+
+
+def kept_lines(text, level, nvidia_driver=True):
     """``text`` (what was written to stderr) without the abseil lines below ``level``
-    (TF_CPP_MIN_LOG_LEVEL: 1 drops INFO, 2 also WARNING, 3 also ERROR)."""
+    (TF_CPP_MIN_LOG_LEVEL: 1 drops INFO, 2 also WARNING, 3 also ERROR), and, from level
+    1 on, without the cuInit failure on a machine with no ``nvidia_driver``."""
     kept = []
     for line in text.splitlines(keepends=True):
         head = LOG_LINE.match(line)
         if head and "IWE".index(head.group(1)) < level:
             continue
-        if line.startswith(NOT_INITIALIZED) and level >= 1:
+        if level >= 1 and (line.startswith(NOT_INITIALIZED) or (
+                head and not nvidia_driver and CUINIT_FAILED in line)):
             continue
         kept.append(line)
     return "".join(kept)
@@ -50,11 +62,39 @@ def import_keras():
     other line, a traceback included, is written back as it came. A process that dies
     in the import itself (an abort in C++) loses what was held: TF_CPP_MIN_LOG_LEVEL=0
     holds nothing and shows everything.
+
+    With the TensorFlow backend its devices are listed inside the hold too (1 ms): that
+    is where TensorFlow calls cuInit, whose failure without a driver is dropped.
     """
+    with _stderr_held_to(_hold_level()):
+        import keras
+
+        if keras.backend.backend() == "tensorflow":
+            _list_tensorflow_devices()
+
+
+def import_tensorflow():
+    """``import tensorflow`` under another Keras backend, its start-up lines held as in
+    ``import_keras``. Call it before Keras would import TensorFlow itself (under JAX,
+    ``keras.utils.set_random_seed`` does wherever it is installed)."""
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    with _stderr_held_to(_hold_level()):
+        return _list_tensorflow_devices()
+
+
+def _hold_level():
+    """TF_CPP_MIN_LOG_LEVEL as a number; 0 (hold nothing) once TensorFlow has loaded,
+    when its own logging reads the level."""
     level = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0")
-    level = int(level) if level.isdigit() and "tensorflow" not in sys.modules else 0
-    with _stderr_held_to(level):
-        import keras  # noqa: F401
+    return int(level) if level.isdigit() and "tensorflow" not in sys.modules else 0
+
+
+def _list_tensorflow_devices():
+    import tensorflow as tf
+
+    tf.config.list_physical_devices()
+    return tf
 
 
 @contextlib.contextmanager
@@ -78,5 +118,6 @@ def _stderr_held_to(level):
             os.dup2(saved, 2)
             os.close(saved)
             held.seek(0)
-            sys.stderr.write(kept_lines(held.read().decode(errors="replace"), level))
+            sys.stderr.write(kept_lines(held.read().decode(errors="replace"), level,
+                                        has_nvidia_driver()))
             sys.stderr.flush()

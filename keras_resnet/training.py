@@ -25,7 +25,7 @@ import time
 import keras
 import numpy as np
 
-from keras_resnet import arrays, atomic, evaluation, locking, whitening
+from keras_resnet import arrays, atomic, evaluation, locking, startup, whitening
 from keras_resnet import weights as weights_lib
 from keras_resnet.augment import AugmentConfig, build_augmenter
 from keras_resnet.model import MODELS, STEMS, build_classifier, build_model
@@ -1067,6 +1067,8 @@ def train(config, *, score_test=True):
     # First backend call: multi-worker collectives (TF) and jax.distributed must be
     # set up before anything else runs.
     strategy = make_strategy(config)
+    if tensorflow_available():  # Keras seeds TensorFlow too: it imports it under JAX
+        startup.import_tensorflow()
     keras.utils.set_random_seed(config.seed)
     # Weights and data are checked before the run directory is touched: bad input
     # leaves nothing behind.
