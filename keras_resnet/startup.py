@@ -91,6 +91,8 @@ def _hold_level():
 
 
 def _list_tensorflow_devices():
+    """Import TensorFlow and list its physical devices: where it calls cuInit. Only
+    the physical ones, so device and threading settings can still be made after."""
     import tensorflow as tf
 
     tf.config.list_physical_devices()

@@ -190,13 +190,14 @@ def load_weights(model, weights, *, arch=None):
     # Keras warns that layers it could not match "will retain their freshly-initialized
     # weights", then raises (its error names the layer: that one is kept) or goes on
     # loading: either way the file does not fit, said once.
+    fresh_words = "freshly-initialized"
     with warnings.catch_warnings(record=True) as caught:
-        warnings.filterwarnings("always", "(?s).*freshly-initialized", UserWarning)
+        warnings.filterwarnings("always", f"(?s).*{fresh_words}", UserWarning)
         try:
             model.load_weights(path)
         except (ValueError, OSError, KeyError, TypeError) as e:  # Keras raises several types.
             raise unfit(e) from None
-    fresh = [w for w in caught if "freshly-initialized" in str(w.message)]
+    fresh = [w for w in caught if fresh_words in str(w.message)]
     if fresh:
         raise unfit(fresh[0].message)
     for w in caught:  # the others, as they came

@@ -173,7 +173,6 @@ def test_cutmix_and_in_model():
     assert [la.name for la in aug.layers] == ["aug_crop", "aug_flip"]
 
 
-
 def test_pad_crop_graph_is_one_int32_gather():
     """On TensorFlow the crop is one int32 gather and no transpose: Keras's
     take_along_axis casts its indices to int64 and transposes them, which oneDNN
@@ -187,6 +186,7 @@ def test_pad_crop_graph_is_one_int32_gather():
     gathers = [op for op in ops if op.type.startswith("Gather")]
     assert len(gathers) == 1 and gathers[0].get_attr("Tindices") == tf.int32
     assert not [op.type for op in ops if op.type in ("Transpose", "ConjugateTranspose")]
+
 
 def marked_images(n):
     """n images whose left column holds their number: a mirrored one has it on the right."""
