@@ -21,7 +21,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_resnet import atomic, locking
+from keras_resnet import atomic, locking, startup
 from keras_resnet.predict import (
     SavedModelRunner,
     TFLiteModel,
@@ -112,7 +112,8 @@ def _convert(converter, fmt, calibration, int8_io, h, w):
         io_type = {"uint8": tf.uint8, "int8": tf.int8}[int8_io]
         converter.inference_input_type = io_type
         converter.inference_output_type = io_type
-    return converter.convert()
+    with startup.litert_lines_held():  # the quantiser's settings line
+        return converter.convert()
 
 
 def compare(probs, reference, labels):

@@ -154,8 +154,9 @@ class TFLiteModel:
     def __init__(self, path, num_threads=None):
         from ai_edge_litert.interpreter import Interpreter
 
-        self.interpreter = Interpreter(model_path=os.fspath(path), num_threads=num_threads)
-        self.interpreter.allocate_tensors()
+        with startup.litert_lines_held():  # its delegate's INFO line, at the first allocation
+            self.interpreter = Interpreter(model_path=os.fspath(path), num_threads=num_threads)
+            self.interpreter.allocate_tensors()
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
         self.image_size = tuple(int(s) for s in self.input["shape"][1:3])

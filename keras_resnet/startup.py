@@ -23,6 +23,12 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 # file:line].
 LOG_LINE = re.compile(r"([IWE])\d{4} [\d:.]+ +\d+ \S+:\d+\] ")
 NOT_INITIALIZED = "WARNING: All log messages before absl::InitializeLog() is called"
+# A LiteRT (TFLite) log line: "INFO: Created TensorFlow Lite XNNPACK delegate for CPU.".
+LITERT_LINE = re.compile(r"(INFO|WARNING|ERROR): ")
+# The TFLite converter prints its quantisation settings on every quantised conversion,
+# with no severity ("fully_quantize: 0, inference_type: 6, ..."): an INFO line in all
+# but name.
+QUANTIZER_SETTINGS = "fully_quantize: "
 # TensorFlow's Linux wheel is built with CUDA and calls cuInit on every machine, then logs
 # the failure as an ERROR ("failed call to cuInit: ... UNKNOWN ERROR (303)"). Without an
 # NVIDIA driver that failure says only "no GPU here", which TensorFlow already said.
@@ -36,15 +42,16 @@ def has_nvidia_driver():
 
 
 def kept_lines(text, level, nvidia_driver=True):
-    """``text`` (what was written to stderr) without the abseil lines below ``level``
-    (TF_CPP_MIN_LOG_LEVEL: 1 drops INFO, 2 also WARNING, 3 also ERROR), and, from level
-    1 on, without the cuInit failure on a machine with no ``nvidia_driver``."""
+    """``text`` (what was written to stderr) without the abseil and LiteRT lines below
+    ``level`` (TF_CPP_MIN_LOG_LEVEL: 1 drops INFO, 2 also WARNING, 3 also ERROR), and,
+    from level 1 on, without the cuInit failure on a machine with no ``nvidia_driver``
+    and the converter's quantisation settings."""
     kept = []
     for line in text.splitlines(keepends=True):
-        head = LOG_LINE.match(line)
-        if head and "IWE".index(head.group(1)) < level:
+        head = LOG_LINE.match(line) or LITERT_LINE.match(line)
+        if head and "IWE".index(head.group(1)[0]) < level:
             continue
-        if level >= 1 and (line.startswith(NOT_INITIALIZED) or (
+        if level >= 1 and (line.startswith((NOT_INITIALIZED, QUANTIZER_SETTINGS)) or (
                 head and not nvidia_driver and CUINIT_FAILED in line)):
             continue
         kept.append(line)
@@ -83,11 +90,27 @@ def import_tensorflow():
         return _list_tensorflow_devices()
 
 
+def litert_lines_held():
+    """A block whose LiteRT and TFLite-converter lines are held to TF_CPP_MIN_LOG_LEVEL.
+
+    LiteRT logs through TFLite's own logger ("INFO: Created TensorFlow Lite XNNPACK
+    delegate for CPU." when an interpreter first allocates), which neither that variable
+    nor any Python call quiets (tensorflow/tensorflow issue 58050); the converter prints
+    its quantisation settings. Every other line is written back as it came.
+    """
+    return _stderr_held_to(_log_level())
+
+
+def _log_level():
+    """TF_CPP_MIN_LOG_LEVEL as a number (0 where unset or not a number)."""
+    level = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0")
+    return int(level) if level.isdigit() else 0
+
+
 def _hold_level():
     """TF_CPP_MIN_LOG_LEVEL as a number; 0 (hold nothing) once TensorFlow has loaded,
     when its own logging reads the level."""
-    level = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0")
-    return int(level) if level.isdigit() and "tensorflow" not in sys.modules else 0
+    return _log_level() if "tensorflow" not in sys.modules else 0
 
 
 def _list_tensorflow_devices():

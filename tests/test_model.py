@@ -278,12 +278,17 @@ STDERR_AT_IMPORT = (
     "I0 is not a log line\n"
     "E0000 00:00:1796457545.019215   20574 cuda_platform.cc:52] failed call to cuInit: "
     "INTERNAL: CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)\n"
-    "our own message: failed call to cuInit\n")
+    "our own message: failed call to cuInit\n"
+    "INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n"  # LiteRT, inside its hold
+    "fully_quantize: 0, inference_type: 6, input_inference_type: UINT8, "
+    "output_inference_type: UINT8\n"
+    "ERROR: a LiteRT error\n")
 
 
 @pytest.mark.parametrize("level, nvidia_driver, dropped", [
-    (0, False, []), (1, True, [0, 1]), (2, True, [0, 1, 2]), (3, True, [0, 1, 2, 3, 6]),
-    (1, False, [0, 1, 6]), (2, False, [0, 1, 2, 6])])
+    (0, False, []), (1, True, [0, 1, 8, 9]), (2, True, [0, 1, 2, 8, 9]),
+    (3, True, [0, 1, 2, 3, 6, 8, 9, 10]), (1, False, [0, 1, 6, 8, 9]),
+    (2, False, [0, 1, 2, 6, 8, 9])])
 def test_start_up_lines_below_the_log_level_are_dropped(level, nvidia_driver, dropped):
     """The cuInit failure is an ERROR: kept where a driver is there to fail."""
     from keras_resnet.startup import kept_lines
