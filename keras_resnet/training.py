@@ -1243,11 +1243,10 @@ def _fit(config, strategy, resuming, splits, source):
         _trim_history(history_csv, _backup_epoch(backup))
     elif chief and os.path.exists(history_csv):  # a run that died before its first epoch
         os.remove(history_csv)
-    # Training wall-clock seconds, over every session of the run, into each epoch's logs
-    # (so history.csv has a "seconds" column: time to accuracy, from any run).
-    clock = {"offset": _history_seconds(history_csv) if chief else 0.0}
     # Training wall-clock seconds over every session of the run, put into each epoch's
-    # logs before the logger writes them: history.csv's "seconds" column.
+    # logs before the logger writes them: history.csv's "seconds" column (time to
+    # accuracy, from any run).
+    clock = {"offset": _history_seconds(history_csv) if chief else 0.0}
     clock_cb = keras.callbacks.LambdaCallback(
         on_train_begin=lambda logs: clock.update(start=time.time()),
         on_epoch_end=lambda epoch, logs: logs.__setitem__(
