@@ -328,6 +328,9 @@ def export_main(argv=None):
     parser.add_argument("--tta-flip", choices=["auto", "on", "off"], default="auto",
                         help="flip test-time augmentation inside the artifacts (two passes "
                         "per image); auto: as the run scored its test set")
+    parser.add_argument("--tta-shift", default="auto", metavar="PIXELS",
+                        help="test-time views also shifted by +/- PIXELS (3x the passes); "
+                        "auto: as the run scored its test set")
     args = parser.parse_args(argv)
     if args.formats is None:
         formats = [f for f in export.FORMATS if args.data_dir or f != "tflite_int8"]
@@ -348,9 +351,14 @@ def export_main(argv=None):
         for name in ("calibration_images", "check_images"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}: must be >= 1")
+        if args.tta_shift != "auto" and not (
+                args.tta_shift.isdigit() and int(args.tta_shift) <= predict.MAX_TTA_SHIFT):
+            raise ValueError(f"--tta-shift: got {args.tta_shift!r}; must be auto or an "
+                             f"integer in 0..{predict.MAX_TTA_SHIFT}")
         model, _model_path = predict.load_source(args.source)
-        tta_flip = (args.tta_flip == "on" or
-                    (args.tta_flip == "auto" and predict.scored_with_tta(_model_path)))
+        scored_flip, scored_shift = predict.scored_tta(_model_path)
+        tta_flip = args.tta_flip == "on" or (args.tta_flip == "auto" and scored_flip)
+        tta_shift = scored_shift if args.tta_shift == "auto" else int(args.tta_shift)
         name = model.name
         output_dir = args.output_dir or os.path.join("saved_models", name)
         from keras_resnet.training import check_output_dir
@@ -374,7 +382,8 @@ def export_main(argv=None):
             class_names = splits.class_names
         report = export.export(args.source, output_dir, formats, images=images, labels=labels,
                                calibration=calibration, int8_io=args.int8_io,
-                               class_names=class_names, tta_flip=tta_flip)
+                               class_names=class_names, tta_flip=tta_flip,
+                               tta_shift=tta_shift)
     except ValueError as e:
         _fail(str(e))
     except OSError as e:  # a full disk: the artifacts written before it are whole
@@ -390,8 +399,10 @@ def export_main(argv=None):
     rewritten = report["artifacts"].get(export.WINOGRAD, {}).get("winograd_convs")
     if rewritten:
         print(f"{export.WINOGRAD}: {len(rewritten)} 3x3 convs computed by Winograd")
-    if tta_flip:
-        print("tta_flip: every artifact averages the image and its mirror (2 passes)")
+    if report["tta_views"] > 1:
+        views = ("the image" + (" and its mirror" if tta_flip else "") +
+                 (f", each also shifted by +/-{tta_shift} px" if tta_shift else ""))
+        print(f"tta: every artifact averages {report['tta_views']} views: {views}")
     print(f"report: {os.path.join(output_dir, 'export_report.json')}")
     print(json.dumps({fmt: r["path"] for fmt, r in report["artifacts"].items()}))
 

@@ -8,37 +8,41 @@ PNGs a training run leaves in its directory.
 import numpy as np
 
 
-def predict_probabilities(model, data, tta_flip=False, batch_size=128):
+def predict_probabilities(model, data, tta_flip=False, tta_shift=0, batch_size=128):
     """Softmax probabilities and integer labels over ``data``: a tf.data dataset of
     (images, one-hot labels), or (uint8 images, int labels) arrays (the memory
-    pipeline); ``tta_flip`` averages the logits with those of the mirrored images."""
-    views, labels = view_logits(model, data, (False, True) if tta_flip else (False,),
-                                batch_size)
+    pipeline); ``tta_flip`` / ``tta_shift`` average the logits over the test-time
+    views (``predict.tta_views``)."""
+    from keras_resnet.predict import tta_views
+
+    views, labels = view_logits(model, data, tta_views(tta_flip, tta_shift), batch_size)
     return softmax(np.mean(views, axis=0)), labels
 
 
-def view_logits(model, data, flips, batch_size=128):
-    """The model's float32 outputs over ``data`` once per entry of ``flips`` (mirrored
-    images where True), and the integer labels."""
+def view_logits(model, data, views, batch_size=128):
+    """The model's float32 outputs over ``data`` once per view (``predict.tta_views``
+    pairs), and the integer labels. One view at a time, so that memory stays that of
+    one batch; the mean of these logits is what ``predict.tta_model`` computes."""
+    from keras_resnet.predict import view_model
     from keras_resnet.sources import unknown_length_ok
 
     if isinstance(data, tuple):  # arrays: no TensorFlow needed
         from keras_resnet.arrays import BatchFeed
 
         images, labels = data
+        feed = BatchFeed(images, None, batch_size, 0)
 
-        def run(flip):
-            feed = BatchFeed(images[:, :, ::-1] if flip else images, None, batch_size, 0)
-            return model.predict(feed, verbose=0)
+        def run(net):
+            return net.predict(feed, verbose=0)
     else:
         labels = np.concatenate([np.argmax(y, axis=1) for _, y in data.as_numpy_iterator()])
+        images = data.map(lambda x, y: x)
 
-        def run(flip):
-            images = data.map(lambda x, y: x[:, :, ::-1] if flip else x)
+        def run(net):
             with unknown_length_ok():
-                return model.predict(images, verbose=0)
-    # The mean of these logits is what predict.flip_tta_model computes.
-    return [np.asarray(run(flip), np.float32) for flip in flips], np.asarray(labels)
+                return net.predict(images, verbose=0)
+    return ([np.asarray(run(view_model(model, (view,))), np.float32) for view in views],
+            np.asarray(labels))
 
 
 def softmax(logits):
@@ -49,10 +53,13 @@ def softmax(logits):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def evaluate(model, data, class_names, tta_flip=False, batch_size=128):
-    """top1, top5, per-class accuracy and the confusion matrix on ``data``."""
-    views, labels = view_logits(model, data, (False, True) if tta_flip else (False,),
-                                batch_size)
+def evaluate(model, data, class_names, tta_flip=False, tta_shift=0, batch_size=128):
+    """top1, top5, per-class accuracy and the confusion matrix on ``data``; with
+    test-time augmentation (``tta_flip``, ``tta_shift``: ``predict.tta_views``) the
+    figures of fewer views beside them."""
+    from keras_resnet.predict import tta_views
+
+    views, labels = view_logits(model, data, tta_views(tta_flip, tta_shift), batch_size)
     probs = softmax(np.mean(views, axis=0))
     top5 = np.argsort(-probs, axis=1)[:, :5]
     pred = top5[:, 0]
@@ -63,11 +70,17 @@ def evaluate(model, data, class_names, tta_flip=False, batch_size=128):
                  for i, name in enumerate(class_names)}
     report = {"top1": round(float(np.mean(pred == labels)), 4),
               "top5": round(float(np.mean(np.any(top5 == labels[:, None], axis=1))), 4),
-              "per_class": per_class, "num_images": len(labels), "tta_flip": tta_flip,
-              "confusion_matrix": confusion.tolist()}
-    if tta_flip:  # the figure without the mirror view, beside it
-        single = np.argmax(views[0], axis=1)
-        report["top1_single_view"] = round(float(np.mean(single == labels)), 4)
+              "per_class": per_class, "num_images": len(labels), "tta_flip": bool(tta_flip),
+              "tta_shift": int(tta_shift), "confusion_matrix": confusion.tolist()}
+
+    def top1_of(first_views):  # the unshifted views come first (tta_views)
+        pred = np.argmax(np.mean(views[:first_views], axis=0), axis=1)
+        return round(float(np.mean(pred == labels)), 4)
+
+    if len(views) > 1:
+        report["top1_single_view"] = top1_of(1)
+    if tta_flip and tta_shift:
+        report["top1_flip_only"] = top1_of(2)
     return report
 
 

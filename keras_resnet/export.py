@@ -23,14 +23,16 @@ import tensorflow as tf
 
 from keras_resnet import atomic, locking, startup
 from keras_resnet.predict import (
+    MAX_TTA_SHIFT,
     SavedModelRunner,
     TFLiteModel,
-    flip_tta_model,
     input_size,
     load_source,
     probability_fn,
     read_crop_ratio,
     read_labels,
+    tta_model,
+    tta_views,
 )
 from keras_resnet.winograd import winograd_model
 
@@ -139,7 +141,8 @@ def check(fmt, figures):
 
 
 def export(source, output_dir, formats=("saved_model", "tflite_float32"), images=None,
-           labels=None, calibration=None, int8_io="uint8", class_names=None, tta_flip=False):
+           labels=None, calibration=None, int8_io="uint8", class_names=None, tta_flip=False,
+           tta_shift=0):
     """Export ``source`` to ``formats`` under ``output_dir``; returns the report.
 
     Args:
@@ -149,8 +152,8 @@ def export(source, output_dir, formats=("saved_model", "tflite_float32"), images
             each artifact on; without them a few random images are used (no
             accuracy figures).
         calibration: uint8 images for ``tflite_int8``.
-        tta_flip: put flip test-time augmentation inside every artifact
-            (``predict.flip_tta_model``: two forward passes per image).
+        tta_flip, tta_shift: put test-time augmentation inside every artifact
+            (``predict.tta_model``: one forward pass per view, all in one batch).
 
     Raises:
         ValueError: bad arguments (checked before any work), or an artifact that
@@ -164,9 +167,11 @@ def export(source, output_dir, formats=("saved_model", "tflite_float32"), images
         raise ValueError(f"int8_io: got {int8_io!r}; allowed: uint8, int8")
     if "tflite_int8" in formats and calibration is None:
         raise ValueError("tflite_int8 needs calibration images: pass --data-dir")
+    if not isinstance(tta_shift, int) or not 0 <= tta_shift <= MAX_TTA_SHIFT:
+        raise ValueError(f"tta_shift: got {tta_shift!r}; must be an integer in "
+                         f"0..{MAX_TTA_SHIFT}")
     model, model_path = load_source(source)
-    if tta_flip:
-        model = flip_tta_model(model)
+    model = tta_model(model, tta_flip, tta_shift)
     h, w = input_size(model)
     if images is None:
         images = np.random.default_rng(0).integers(0, 256, (16, h, w, 3), dtype=np.uint8)
@@ -185,7 +190,8 @@ def export(source, output_dir, formats=("saved_model", "tflite_float32"), images
             atomic.write(os.path.join(output_dir, "preprocessing.json"),
                           json.dumps({"crop_ratio": crop_ratio}).encode())
         reference = np.asarray(probability_fn(model)(images))
-        report = {"source": model_path, "tta_flip": bool(tta_flip), "artifacts": {}}
+        report = {"source": model_path, "tta_flip": bool(tta_flip), "tta_shift": tta_shift,
+                  "tta_views": len(tta_views(tta_flip, tta_shift)), "artifacts": {}}
         for fmt in formats:
             final = os.path.join(output_dir, ARTIFACT_NAMES[fmt])
             tmp = tempfile.mkdtemp(prefix=".export-", dir=output_dir)

@@ -73,55 +73,107 @@ def read_crop_ratio(model_path):
         return float(json.load(f).get("crop_ratio", 1.0))
 
 
-def scored_with_tta(model_path):
-    """Whether the run beside ``model_path`` scored its test set with flip test-time
-    augmentation (``test_metrics.json``); False when there is no such record."""
+def scored_tta(model_path):
+    """``(tta_flip, tta_shift)``: the test-time augmentation the run beside
+    ``model_path`` scored its test set with (``test_metrics.json``); (False, 0) when
+    there is no such record."""
     import json
 
     path = _beside(model_path, "test_metrics.json")
     if not os.path.exists(path):
-        return False
+        return False, 0
     with open(path) as f:
-        return bool(json.load(f).get("tta_flip", False))
+        metrics = json.load(f)
+    return bool(metrics.get("tta_flip", False)), int(metrics.get("tta_shift", 0))
 
 
 def ends_in_softmax(model):
     return getattr(model.layers[-1], "activation", None) is keras.activations.softmax
 
 
+MAX_TTA_SHIFT = 4  # pixels; a reflected shift stays below the image side (>= 8)
+
+
+def tta_views(flip=True, shift=0):
+    """The views test-time augmentation averages, as (mirrored, shift) pairs, the image
+    itself first: with ``flip`` its left-right mirror too; with ``shift`` > 0 each of
+    those also moved by (+shift, +shift) and (-shift, -shift) pixels (airbench's TTA)."""
+    mirrors = (False, True) if flip else (False,)
+    shifts = (0, shift, -shift) if shift else (0,)
+    return tuple((mirrored, s) for s in shifts for mirrored in mirrors)
+
+
 @keras.saving.register_keras_serializable("keras_resnet")
-class WithMirror(keras.layers.Layer):
-    """NHWC images followed by their left-right mirrors in one batch (2N images): the
-    two views of flip test-time augmentation, for one pass of the network."""
+class TestTimeViews(keras.layers.Layer):
+    """NHWC images -> their ``views`` (``tta_views`` pairs) stacked view by view in one
+    batch (V*N images). A shifted view is filled by reflection at the border, so no
+    view shows a band of padding the network never saw in training."""
+
+    def __init__(self, views=((False, 0), (True, 0)), **kwargs):
+        super().__init__(**kwargs)
+        self.views = tuple((bool(m), int(s)) for m, s in views)
 
     def call(self, images):
-        return ops.concatenate([images, ops.flip(images, axis=2)], axis=0)
+        out = []
+        for mirrored, shift in self.views:
+            x = ops.flip(images, axis=2) if mirrored else images
+            if shift:
+                p = abs(shift)
+                h, w = ops.shape(images)[1:3]
+                x = ops.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), mode="reflect")
+                x = x[:, p - shift:p - shift + h, p - shift:p - shift + w]
+            out.append(x)
+        return out[0] if len(out) == 1 else ops.concatenate(out, axis=0)
+
+    def get_config(self):
+        return {**super().get_config(), "views": [list(v) for v in self.views]}
 
 
 @keras.saving.register_keras_serializable("keras_resnet")
 class MeanOfViews(keras.layers.Layer):
-    """The mean of the first and the second half of a batch (``WithMirror``'s views)."""
+    """The mean over the ``num_views`` consecutive parts of a batch (``TestTimeViews``)."""
+
+    def __init__(self, num_views=2, **kwargs):
+        super().__init__(**kwargs)
+        self.num_views = int(num_views)
 
     def call(self, outputs):
-        n = ops.shape(outputs)[0] // 2
-        return (outputs[:n] + outputs[n:]) / 2
+        n = ops.shape(outputs)[0] // self.num_views  # slices: JAX's symbolic batch
+        return sum(outputs[i * n:(i + 1) * n] for i in range(self.num_views)) / self.num_views
+
+    def get_config(self):
+        return {**super().get_config(), "num_views": self.num_views}
 
 
-def flip_tta_model(model):
-    """``model`` with flip test-time augmentation inside: the mean of its logits on the
-    image and on its mirror (what ``evaluate(..., tta_flip=True)`` scores), so that an
-    exported artifact computes the figure the run reported. Costs two forward passes.
+def view_model(model, views):
+    """``model`` run on ``views`` of its input image (``tta_views`` pairs): V*N outputs,
+    view by view; the image itself (one view, no shift) is ``model``."""
+    if tuple(views) == ((False, 0),):
+        return model
+    inputs = keras.Input(model.input_shape[1:], name="image")
+    return keras.Model(inputs, model(TestTimeViews(views, name="tta_views")(inputs)),
+                       name=model.name)
 
-    Both views go through the network as one batch rather than as two calls of it:
+
+def tta_model(model, flip=True, shift=0):
+    """``model`` with test-time augmentation inside: the mean of its logits over
+    ``tta_views(flip, shift)`` (what ``evaluate(..., tta_flip, tta_shift)`` scores), so
+    that an exported artifact computes the figure the run reported. Costs one forward
+    pass per view.
+
+    All views go through the network as one batch rather than as calls of it each:
     with two calls every weight and folded bias feeds two convolutions, and the
     full-int8 file lost 4 points of top-1 that way (measured; docs/recipe.md)."""
+    views = tta_views(flip, shift)
+    if len(views) == 1:
+        return model
     if ends_in_softmax(model):
-        raise ValueError(f"tta_flip: {model.name!r} ends in a softmax; flip test-time "
-                         "augmentation averages logits (a trained classifier's output)")
+        raise ValueError(f"tta: {model.name!r} ends in a softmax; test-time augmentation "
+                         "averages logits (a trained classifier's output)")
     inputs = keras.Input(model.input_shape[1:], name="image")
-    views = WithMirror(name="tta_views")(inputs)
-    outputs = MeanOfViews(name="tta_mean")(model(views))
-    return keras.Model(inputs, outputs, name=model.name)
+    outputs = model(TestTimeViews(views, name="tta_views")(inputs))
+    return keras.Model(inputs, MeanOfViews(len(views), name="tta_mean")(outputs),
+                       name=model.name)
 
 
 def probability_fn(model):

@@ -29,6 +29,7 @@ from keras_resnet import arrays, atomic, evaluation, locking, startup, whitening
 from keras_resnet import weights as weights_lib
 from keras_resnet.augment import AugmentConfig, build_augmenter
 from keras_resnet.model import MODELS, STEMS, build_classifier, build_model
+from keras_resnet.predict import MAX_TTA_SHIFT
 from keras_resnet.sources import unknown_length_ok
 
 OPTIMIZERS = ("sgd", "nesterov", "rmsprop", "adam", "adamw", "muon")
@@ -42,8 +43,8 @@ ONE_CYCLE_START = 1 / 25  # one-cycle warm-up starts at this fraction of the pea
 LR_REFERENCE_BATCH = 128  # ``lr`` is given per 128 images; scaled linearly with the batch
 WHITEN_IMAGES = 512  # training images whose patches set the whitening filters
 # Fields that may differ when a run directory is resumed (they do not change the math).
-RESUMABLE_FIELDS = ("output_dir", "verbose", "tta_flip", "coordinator", "process_id",
-                    "coordinator_timeout")
+RESUMABLE_FIELDS = ("output_dir", "verbose", "tta_flip", "tta_shift", "coordinator",
+                    "process_id", "coordinator_timeout")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +113,8 @@ class TrainConfig:
     early_stopping: int = 0            # patience in epochs; 0 = off
     tta_flip: bool = True              # flip test-time augmentation for the test score
     #                                    (export_model.py puts it in the artifacts)
+    tta_shift: int = 0                 # test score also averages the views shifted by
+    #                                    +/- this many pixels (3x the passes; 0 = off)
     verbose: int = 1                   # Keras progress bar: 0 silent, 1 bar, 2 line/epoch
 
     def augment(self):
@@ -157,6 +160,8 @@ class TrainConfig:
             ("steps_per_execution", self.steps_per_execution >= 1, ">= 1"),
             ("strategy", self.strategy in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
             ("early_stopping", self.early_stopping >= 0, ">= 0"),
+            ("tta_shift", _is_int(self.tta_shift) and 0 <= self.tta_shift <= MAX_TTA_SHIFT,
+             f"an integer in 0..{MAX_TTA_SHIFT}"),
             ("image_size", self.image_size is None or (_is_int(self.image_size)
                                                          and self.image_size >= 8), ">= 8"),
             ("eval_crop_ratio", self.eval_crop_ratio is None or 0 < self.eval_crop_ratio <= 1,
@@ -1346,6 +1351,7 @@ def _report(config, strategy, splits, model, fitted):
                                                    splits.num_classes)
         report.update(evaluation.evaluate(best, test_data, splits.class_names,
                                           tta_flip=config.tta_flip,
+                                          tta_shift=config.tta_shift,
                                           batch_size=fitted["global_batch"]))
     if splits.counts:
         skipped = {k: c.dropped() for k, c in splits.counts.items() if k != "test"}

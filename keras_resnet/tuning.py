@@ -32,7 +32,7 @@ FAILURES_IN_A_ROW = 5  # then the fixed part of the config is likely at fault: s
 # executed or reported; the search budget is the fixed part (--epochs, --max-*).
 NOT_SEARCHED = ("dataset", "data_dir", "tfds_data_dir", "output_dir", "epochs",
                 "max_train_images", "max_eval_images", "validation_size", "cache",
-                "strategy", "verbose", "tta_flip", "seed")
+                "strategy", "verbose", "tta_flip", "tta_shift", "seed")
 # best_config.json leaves these out, so that a full run uses the recipe's budget.
 BUDGET_FIELDS = ("output_dir", "epochs", "max_train_images", "max_eval_images")
 DEFAULT_SPACE = {

@@ -145,6 +145,40 @@ def test_flip_tta_follows_the_run_into_the_artifact(model_path, tmp_path):
     assert tensors[0] < 1.3 * tensors[1], tensors  # two calls: 1.6x
 
 
+def test_shifted_tta_follows_the_run_into_the_artifact(model_path, tmp_path):
+    """A run scored with --tta-shift 1 exports artifacts averaging its six views (image
+    and mirror, each also shifted by +/-1 pixel with a reflected border), computing what
+    evaluate() scored; a shift the image cannot take is refused before any work."""
+    import shutil
+
+    from keras_resnet import evaluation
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(model_path, run / "best.keras")
+    (run / "test_metrics.json").write_text(json.dumps({"tta_flip": True, "tta_shift": 1}))
+    result = export_cli(str(run), "--output-dir", str(tmp_path / "out"), "--formats",
+                        "tflite_float32")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "averages 6 views" in result.stdout
+    report = json.loads((tmp_path / "out" / "export_report.json").read_text())
+    assert (report["tta_shift"], report["tta_views"]) == (1, 6)
+    assert report["artifacts"]["tflite_float32"]["passed"]
+    images = np.random.default_rng(3).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    model = keras.saving.load_model(model_path, compile=False)
+    scored, _ = evaluation.predict_probabilities(model, (images, np.zeros(5, int)),
+                                                 tta_flip=True, tta_shift=1)
+    flip_only, _ = evaluation.predict_probabilities(model, (images, np.zeros(5, int)),
+                                                    tta_flip=True)
+    assert np.abs(scored - flip_only).max() > 1e-3  # the shifted views change the answer
+    tflite = P.TFLiteModel(tmp_path / "out" / "model_float32.tflite")
+    np.testing.assert_allclose(np.concatenate([tflite(im[None]) for im in images]), scored,
+                               atol=1e-5)
+    result = export_cli(str(run), "--output-dir", str(tmp_path / "bad"), "--tta-shift", "9")
+    assert result.returncode != 0 and "--tta-shift: got '9'" in result.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize("keras_top1, int8_top1, n, passed", [
     (0.774, 0.769, 1000, True), (0.774, 0.768, 1000, False), (0.5, 0.5, 8, True),
     (0.75, 0.625, 8, False), (150 / 300, 149 / 300, 300, True),

@@ -367,6 +367,40 @@ def test_evaluate_takes_arrays():
     assert report["top1_single_view"] == single
 
 
+def test_shifted_tta_averages_six_views_with_a_reflected_border():
+    """tta_shift=1 averages the image and its mirror, each as is and moved by (+1, +1)
+    and (-1, -1) pixels with a reflected border (NumPy's reflect pad is the reference);
+    the report gives the figures of one and of two (flip) views beside it."""
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((4, 5, 3)), keras.layers.Flatten(),
+                              keras.layers.Dense(4)])
+    images = np.random.default_rng(1).integers(0, 256, (9, 4, 5, 3)).astype(np.uint8)
+    labels = np.arange(9) % 4
+
+    def logits(x):
+        return model.predict(x.astype("float32"), verbose=0)
+
+    def shifted(x, d):
+        padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+        return padded[:, 1 - d:5 - d, 1 - d:6 - d]
+
+    views = [v for d in (0, 1, -1) for v in (shifted(images, d),
+                                              shifted(images[:, :, ::-1], d))]
+    assert np.array_equal(views[2][:, 1:, 1:], images[:, :-1, :-1])  # +1: down and right
+    expected = np.argmax(np.mean([logits(v) for v in views], axis=0), 1)
+    report = evaluation.evaluate(model, (images, labels), list("abcd"), tta_flip=True,
+                                 tta_shift=1, batch_size=4)
+    assert report["top1"] == round(float(np.mean(expected == labels)), 4)
+    assert report["tta_shift"] == 1
+    flip = np.argmax(logits(views[0]) + logits(views[1]), 1)
+    assert report["top1_flip_only"] == round(float(np.mean(flip == labels)), 4)
+    single = np.argmax(logits(images), 1)
+    assert report["top1_single_view"] == round(float(np.mean(single == labels)), 4)
+    probs, _ = evaluation.predict_probabilities(model, (images, labels), tta_flip=True,
+                                                tta_shift=1)
+    assert np.array_equal(np.argmax(probs, 1), expected)
+
+
 def test_softmax_of_arrays_is_numpy_and_keras_alike():
     """NumPy (no program to compile under JAX), equal to keras.ops.softmax, stable for
     large logits."""

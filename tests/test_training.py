@@ -49,7 +49,7 @@ def test_smoke_run_writes_the_run_directory(folder, tmp_path, monkeypatch):
     step = TensorFlowTrainer.train_step
     monkeypatch.setattr(TensorFlowTrainer, "train_step",
                         lambda self, data: traces.append(1) or step(self, data))
-    report = T.train(smoke(folder, tmp_path / "run", epochs=2, tta_flip=True))
+    report = T.train(smoke(folder, tmp_path / "run", epochs=2, tta_flip=True, tta_shift=1))
     # The optimiser is built before fit: tf.function traces the train step once, not
     # twice (variables created on a first call make it trace again).
     assert len(traces) == 1
@@ -58,7 +58,9 @@ def test_smoke_run_writes_the_run_directory(folder, tmp_path, monkeypatch):
             "test_metrics.json", "confusion_matrix.png", "logs"} <= files
     metrics = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
     assert set(metrics) >= {"top1", "top5", "per_class"} and metrics["tta_flip"] is True
-    assert 0 <= metrics["top1_single_view"] <= 1  # the score without the mirror view
+    assert metrics["tta_shift"] == 1  # and each view shifted by +/-1 pixel: 6 views
+    assert 0 <= metrics["top1_single_view"] <= 1  # the score without the other views
+    assert 0 <= metrics["top1_flip_only"] <= 1
     assert sorted(metrics["per_class"]) == ["cat", "dog", "eel"]
     assert metrics["top5"] == 1.0  # 3 classes: the true one is always in the top 5
     assert_consistent_scores(metrics, 16)
@@ -193,6 +195,7 @@ def test_resume_with_other_config_is_refused(folder, tmp_path):
     (["--schedule", "exponential"], "schedule: got 'exponential'"),
     (["--ema", "1"], "ema: got 1.0; must be in [0, 1)"),
     (["--bias-lr-scale", "0"], "bias_lr_scale: got 0.0; must be > 0"),
+    (["--tta-shift", "5"], "tta_shift: got 5; must be an integer in 0..4"),
     (["--model", "resnet17"], "model: got 'resnet17'"),
     (["--data-dir", "/no/such/dir"], "data_dir: '/no/such/dir' is not a directory"),
     (["--output-dir", "/etc/hostname/run"], "output_dir: cannot write to"),
