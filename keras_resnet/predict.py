@@ -106,8 +106,8 @@ def tta_views(flip=True, shift=0):
 @keras.saving.register_keras_serializable("keras_resnet")
 class TestTimeViews(keras.layers.Layer):
     """NHWC images -> their ``views`` (``tta_views`` pairs) stacked view by view in one
-    batch (V*N images). A shifted view is filled by reflection at the border, so no
-    view shows a band of padding the network never saw in training."""
+    batch (V*N images). A shifted view is filled by reflection at the border, as in
+    airbench's TTA (Keras's ``RandomTranslation`` would draw a random shift)."""
 
     def __init__(self, views=((False, 0), (True, 0)), **kwargs):
         super().__init__(**kwargs)
