@@ -20,29 +20,31 @@ def predict_probabilities(model, data, tta_flip=False, tta_shift=0, batch_size=1
 
 
 def view_logits(model, data, views, batch_size=128):
-    """The model's float32 outputs over ``data`` once per view (``predict.tta_views``
-    pairs), and the integer labels. One view at a time, so that memory stays that of
-    one batch; the mean of these logits is what ``predict.tta_model`` computes."""
+    """The model's float32 outputs over ``data``, one (N, C) array per view
+    (``predict.tta_views`` pairs), and the integer labels. All views of an image go
+    through the network in one batch of ``batch_size`` images (``predict.view_model``);
+    the mean of these logits is what ``predict.tta_model`` computes."""
     from keras_resnet.predict import view_model
     from keras_resnet.sources import unknown_length_ok
 
+    per_batch = max(1, batch_size // len(views))
+    net = model if len(views) == 1 else view_model(model, views)
     if isinstance(data, tuple):  # arrays: no TensorFlow needed
         from keras_resnet.arrays import BatchFeed
 
         images, labels = data
-        feed = BatchFeed(images, None, batch_size, 0)
-
-        def run(net):
-            return net.predict(feed, verbose=0)
+        logits = net.predict(BatchFeed(images, None, per_batch, 0), verbose=0)
     else:
         labels = np.concatenate([np.argmax(y, axis=1) for _, y in data.as_numpy_iterator()])
         images = data.map(lambda x, y: x)
-
-        def run(net):
-            with unknown_length_ok():
-                return net.predict(images, verbose=0)
-    return ([np.asarray(run(view_model(model, (view,))), np.float32) for view in views],
-            np.asarray(labels))
+        if len(views) > 1:
+            images = images.unbatch().batch(per_batch)
+        with unknown_length_ok():
+            logits = net.predict(images, verbose=0)
+    logits = np.asarray(logits, np.float32)
+    if len(views) == 1:
+        return [logits], np.asarray(labels)
+    return [logits[:, i] for i in range(len(views))], np.asarray(labels)
 
 
 def softmax(logits):

@@ -129,6 +129,13 @@ class TestTimeViews(keras.layers.Layer):
         return {**super().get_config(), "views": [list(v) for v in self.views]}
 
 
+def _view_slices(outputs, num_views):
+    """The ``num_views`` consecutive parts of a batch (slices: JAX's symbolic batch
+    dimension does not reshape to (views, -1, ...))."""
+    n = ops.shape(outputs)[0] // num_views
+    return [outputs[i * n:(i + 1) * n] for i in range(num_views)]
+
+
 @keras.saving.register_keras_serializable("keras_resnet")
 class MeanOfViews(keras.layers.Layer):
     """The mean over the ``num_views`` consecutive parts of a batch (``TestTimeViews``)."""
@@ -138,20 +145,28 @@ class MeanOfViews(keras.layers.Layer):
         self.num_views = int(num_views)
 
     def call(self, outputs):
-        n = ops.shape(outputs)[0] // self.num_views  # slices: JAX's symbolic batch
-        return sum(outputs[i * n:(i + 1) * n] for i in range(self.num_views)) / self.num_views
+        return sum(_view_slices(outputs, self.num_views)) / self.num_views
 
     def get_config(self):
         return {**super().get_config(), "num_views": self.num_views}
 
 
+@keras.saving.register_keras_serializable("keras_resnet")
+class ViewsAxis(MeanOfViews):
+    """(V*N, C) outputs of ``TestTimeViews`` -> (N, V, C): each image's views side by
+    side, so that a batched predict keeps them together."""
+
+    def call(self, outputs):
+        return ops.stack(_view_slices(outputs, self.num_views), axis=1)
+
+
 def view_model(model, views):
-    """``model`` run on ``views`` of its input image (``tta_views`` pairs): V*N outputs,
-    view by view; the image itself (one view, no shift) is ``model``."""
-    if tuple(views) == ((False, 0),):
-        return model
+    """``model`` run on ``views`` of its input image (``tta_views`` pairs) in one batch:
+    (N, V, C) outputs. Evaluation feeds it batches of 1/V the size, so that memory
+    stays that of one batch and one predict function serves every view."""
     inputs = keras.Input(model.input_shape[1:], name="image")
-    return keras.Model(inputs, model(TestTimeViews(views, name="tta_views")(inputs)),
+    outputs = model(TestTimeViews(views, name="tta_views")(inputs))
+    return keras.Model(inputs, ViewsAxis(len(views), name="tta_axis")(outputs),
                        name=model.name)
 
 
