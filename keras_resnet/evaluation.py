@@ -41,9 +41,7 @@ def view_logits(model, data, views, batch_size=128):
             images = images.unbatch().batch(per_batch)
         with unknown_length_ok():
             logits = net.predict(images, verbose=0)
-    logits = np.asarray(logits, np.float32)
-    if len(views) == 1:
-        return [logits], np.asarray(labels)
+    logits = np.asarray(logits, np.float32).reshape(len(labels), len(views), -1)
     return [logits[:, i] for i in range(len(views))], np.asarray(labels)
 
 

@@ -129,35 +129,30 @@ class TestTimeViews(keras.layers.Layer):
         return {**super().get_config(), "views": [list(v) for v in self.views]}
 
 
-def _view_slices(outputs, num_views):
-    """The ``num_views`` consecutive parts of a batch (slices: JAX's symbolic batch
-    dimension does not reshape to (views, -1, ...))."""
-    n = ops.shape(outputs)[0] // num_views
-    return [outputs[i * n:(i + 1) * n] for i in range(num_views)]
-
-
 @keras.saving.register_keras_serializable("keras_resnet")
-class MeanOfViews(keras.layers.Layer):
-    """The mean over the ``num_views`` consecutive parts of a batch (``TestTimeViews``)."""
+class ViewsAxis(keras.layers.Layer):
+    """(V*N, C) outputs of ``TestTimeViews`` -> (N, V, C): each image's views side by
+    side, so that a batched predict keeps them together. Slices, not a reshape: JAX's
+    symbolic batch dimension does not reshape to (V, -1, C)."""
 
     def __init__(self, num_views=2, **kwargs):
         super().__init__(**kwargs)
         self.num_views = int(num_views)
 
     def call(self, outputs):
-        return sum(_view_slices(outputs, self.num_views)) / self.num_views
+        n = ops.shape(outputs)[0] // self.num_views
+        return ops.stack([outputs[i * n:(i + 1) * n] for i in range(self.num_views)], axis=1)
 
     def get_config(self):
         return {**super().get_config(), "num_views": self.num_views}
 
 
 @keras.saving.register_keras_serializable("keras_resnet")
-class ViewsAxis(MeanOfViews):
-    """(V*N, C) outputs of ``TestTimeViews`` -> (N, V, C): each image's views side by
-    side, so that a batched predict keeps them together."""
+class MeanOfViews(keras.layers.Layer):
+    """(N, V, C) -> (N, C): the mean over each image's views (``ViewsAxis``)."""
 
     def call(self, outputs):
-        return ops.stack(_view_slices(outputs, self.num_views), axis=1)
+        return ops.mean(outputs, axis=1)
 
 
 def view_model(model, views):
@@ -176,18 +171,17 @@ def tta_model(model, flip=True, shift=0):
     that an exported artifact computes the figure the run reported. Costs one forward
     pass per view.
 
-    All views go through the network as one batch rather than as calls of it each:
-    with two calls every weight and folded bias feeds two convolutions, and the
-    full-int8 file lost 4 points of top-1 that way (measured; docs/recipe.md)."""
+    All views go through the network as one batch (``view_model``) rather than as calls
+    of it each: with two calls every weight and folded bias feeds two convolutions, and
+    the full-int8 file lost 4 points of top-1 that way (measured; docs/recipe.md)."""
     views = tta_views(flip, shift)
     if len(views) == 1:
         return model
     if ends_in_softmax(model):
         raise ValueError(f"tta: {model.name!r} ends in a softmax; test-time augmentation "
                          "averages logits (a trained classifier's output)")
-    inputs = keras.Input(model.input_shape[1:], name="image")
-    outputs = model(TestTimeViews(views, name="tta_views")(inputs))
-    return keras.Model(inputs, MeanOfViews(len(views), name="tta_mean")(outputs),
+    stacked = view_model(model, views)
+    return keras.Model(stacked.input, MeanOfViews(name="tta_mean")(stacked.output),
                        name=model.name)
 
 
