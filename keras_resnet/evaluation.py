@@ -35,12 +35,22 @@ def view_logits(model, data, views, batch_size=128):
         images, labels = data
         logits = net.predict(BatchFeed(images, None, per_batch, 0), verbose=0)
     else:
-        labels = np.concatenate([np.argmax(y, axis=1) for _, y in data.as_numpy_iterator()])
-        images = data.map(lambda x, y: x)
+        # One pass: each batch's labels are kept as the batch goes into the network,
+        # so they stay paired with its logits even if the dataset reshuffles, and no
+        # image is decoded twice. A generator (not a predict_on_batch loop) keeps
+        # predict's handling of a tf.distribute model.
         if len(views) > 1:
-            images = images.unbatch().batch(per_batch)
+            data = data.unbatch().batch(per_batch)
+        labels = []
+
+        def images_only():
+            for images, onehot in data.as_numpy_iterator():
+                labels.append(np.argmax(onehot, axis=1))
+                yield (images,)
+
         with unknown_length_ok():
-            logits = net.predict(images, verbose=0)
+            logits = net.predict(images_only(), verbose=0)
+        labels = np.concatenate(labels)
     logits = np.asarray(logits, np.float32).reshape(len(labels), len(views), -1)
     return [logits[:, i] for i in range(len(views))], np.asarray(labels)
 

@@ -84,6 +84,26 @@ def test_smoke_run_writes_the_run_directory(folder, tmp_path, monkeypatch):
     assert keras.config.dtype_policy().name == "float32"  # train() restored the policy
 
 
+def test_evaluate_reads_a_dataset_once_so_reshuffled_labels_stay_paired():
+    """evaluate() takes each batch's labels as the batch is predicted: a test set that
+    reshuffles on every pass still scores each image against its own label."""
+    import tensorflow as tf
+
+    images = np.random.default_rng(0).normal(size=(48, 4, 4, 3)).astype("float32")
+    inputs = keras.Input((4, 4, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(inputs)  # a mirror leaves it unchanged
+    model = keras.Model(inputs, keras.layers.Dense(
+        3, kernel_initializer=keras.initializers.RandomNormal(seed=1))(pooled))
+    labels = model.predict(images, verbose=0).argmax(1)
+    assert len(set(labels)) == 3  # each image's own label is the model's answer
+    test_ds = tf.data.Dataset.from_tensor_slices((images, np.eye(3)[labels])).shuffle(
+        48, seed=2, reshuffle_each_iteration=True).batch(8)
+    for tta_flip in (False, True):
+        report = evaluation.evaluate(model, test_ds, list("abc"), tta_flip=tta_flip)
+        assert report["top1"] == 1.0
+        assert_consistent_scores(report, 48)
+
+
 def test_ema_checkpoints_hold_the_average_and_the_backup_the_raw_weights(folder, tmp_path):
     """With ``ema``, best.keras and last.keras hold the averaged weights; the backup
     (what a resume loads) holds the raw weights and, in the optimiser, that average."""
