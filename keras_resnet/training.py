@@ -97,7 +97,8 @@ class TrainConfig:
     #                                    always so with the memory pipeline or under JAX
     pipeline: str = "auto"             # auto | tfdata | memory; auto = tfdata on the
     #                                    TensorFlow backend, memory on JAX
-    validation_size: int = 5000        # images carved from train; test is scored once
+    validation_size: int = 5000        # images carved from train to pick best.keras
+    #                                    (0: the last epoch); test is scored once
     max_train_images: int | None = None
     max_eval_images: int | None = None
     seed: int = 0
@@ -1156,6 +1157,38 @@ class RestoreOnly(keras.callbacks.BackupAndRestore):
         pass
 
 
+class AtomicCheckpoint(keras.callbacks.ModelCheckpoint):
+    """ModelCheckpoint that writes a temporary file beside the target, then renames it.
+    Why: Keras writes the ``.keras`` zip in place, so a kill or a full disk during a
+    save left a cut-off ``best.keras`` that scoring, ``--weights`` and export then
+    failed to open; now the previous checkpoint stays whole until the new one is."""
+
+    def _save_model(self, epoch, batch, logs):
+        target = self.filepath
+        self.filepath = atomic.temp_path(target, suffix=".keras")
+        try:
+            super()._save_model(epoch, batch, logs)
+            if os.path.exists(self.filepath):  # save_best_only skips some epochs
+                os.replace(self.filepath, target)
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(self.filepath)
+            self.filepath = target
+
+
+class LastFiniteCheckpoint(AtomicCheckpoint):
+    """``best.keras`` of a run with no validation split: each epoch whose mean loss
+    is finite overwrites it, so it ends as the last epoch the schedule reached.
+    Why not ModelCheckpoint's ``save_best_only``: with nothing held out, training
+    accuracy is all it could rank by, and that ranks fit, not generalisation (the
+    LR schedule is built to end at the last epoch); without a guard, an epoch
+    that TerminateOnNaN cut short would overwrite the last good weights."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if np.isfinite((logs or {}).get("loss", np.nan)):
+            super().on_epoch_end(epoch, logs)
+
+
 class OffMesh(keras.callbacks.Callback):
     """Runs a callback's hooks with no ``keras.distribution`` set (multi-host runs).
 
@@ -1265,6 +1298,17 @@ def _fit(config, strategy, resuming, splits, source):
     # With --ema, validation and the two checkpoints see the averaged weights; the
     # backup, before the swap, keeps the raw ones (and the average in the optimiser).
     ema = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if config.ema else []
+    best_path = os.path.join(out, "best.keras")
+    # A resumed run's best.keras must beat the epochs before the crash, not just the
+    # first epoch after it: ModelCheckpoint starts from -inf unless told.
+    best_so_far = None
+    if resuming and chief and os.path.exists(best_path) and os.path.exists(history_csv):
+        seen = [v for v in read_history(history_csv).get(monitor, []) if np.isfinite(v)]
+        best_so_far = max(seen) if seen else None
+    best_checkpoint = (AtomicCheckpoint(
+        best_path, monitor=monitor, mode="max", save_best_only=True,
+        initial_value_threshold=best_so_far)
+        if val_data is not None else LastFiniteCheckpoint(best_path))
     if not chief:  # restores process 0's backup; writes nothing
         callbacks = [RestoreOnly(backup, delete_checkpoint=False), *ema, clock_cb, *common]
     else:
@@ -1278,9 +1322,8 @@ def _fit(config, strategy, resuming, splits, source):
             keras.callbacks.BackupAndRestore(backup, delete_checkpoint=False,
                                              double_checkpoint=True),
             *ema,
-            keras.callbacks.ModelCheckpoint(os.path.join(out, "best.keras"), monitor=monitor,
-                                            mode="max", save_best_only=True),
-            keras.callbacks.ModelCheckpoint(os.path.join(out, "last.keras")),
+            best_checkpoint,
+            AtomicCheckpoint(os.path.join(out, "last.keras")),
             *common]
         if tensorflow_available():  # Keras's TensorBoard writes through tf.summary
             callbacks.append(keras.callbacks.TensorBoard(os.path.join(out, "logs"),

@@ -175,27 +175,33 @@ def test_two_processes_on_localhost(jax_env, folder, tmp_path):
     assert "process_id\": 1" not in (out / "config.json").read_text()  # process 0's
 
 
-def test_a_coordinator_that_never_answers_stops_with_a_message():
+def test_a_coordinator_that_never_answers_stops_with_a_message(monkeypatch):
     """Process 1 waits for process 0's port up to --coordinator-timeout, then stops
     with a message (JAX itself would abort the process); a port that answers is joined
-    at once."""
-    import time
+    at once. The clock is a fake one that the waits advance: no wall-clock bound."""
     from types import SimpleNamespace
 
+    clock = SimpleNamespace(now=0.0, sleeps=[])
+
+    def sleep(seconds):
+        clock.sleeps.append(seconds)
+        clock.now += seconds
+
+    monkeypatch.setattr(training, "time", SimpleNamespace(monotonic=lambda: clock.now,
+                                                          sleep=sleep))
     config = SimpleNamespace(coordinator=f"127.0.0.1:{_free_port()}", num_processes=2,
                              process_id=1, coordinator_timeout=1.0)
-    start = time.monotonic()
     with pytest.raises(ValueError, match="coordinator: process 1 of 2 found nothing "
                                          "answering at 127.0.0.1.*--coordinator-timeout"):
         training.join_processes(config)
-    assert 1.0 <= time.monotonic() - start < 10
+    assert clock.sleeps == [0.5, 0.5]  # tried at 0, 0.5 and 1 s, then gave up
+    clock.sleeps.clear()
     with socket.socket() as listening:
         listening.bind(("127.0.0.1", 0))
         listening.listen()
         port = listening.getsockname()[1]
-        start = time.monotonic()
         training.wait_for_port(f"127.0.0.1:{port}", 5, "process 1 of 2")
-        assert time.monotonic() - start < 1
+    assert clock.sleeps == []  # joined on the first try
 
 
 @pytest.mark.parametrize("backend, flags, match", [

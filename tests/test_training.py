@@ -596,6 +596,74 @@ def test_a_damaged_backup_resumes_from_the_one_before(folder, finished, tmp_path
     assert T.read_history(str(tmp_path / "run" / "history.csv"))["epoch"] == [0, 1]
 
 
+def test_a_resumed_run_keeps_the_best_checkpoint_from_before_the_crash(folder, finished,
+                                                                     tmp_path):
+    """Epoch 0 (made perfect in history.csv) stays best.keras when epoch 1 trains again."""
+    config = finished_run(folder, finished, tmp_path / "run")
+    latest = tmp_path / "run" / "backup" / "latest.weights.h5"
+    latest.write_bytes(latest.read_bytes()[:1000])  # resumes after epoch 0
+    history = tmp_path / "run" / "history.csv"
+    with open(history) as f:
+        rows = list(csv.DictReader(f))
+    rows[0]["val_accuracy"] = "1.0"
+    with open(history, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    best = tmp_path / "run" / "best.keras"
+    before = best.stat().st_mtime_ns
+    report = T.train(config)
+    assert T.read_history(str(history))["epoch"] == [0, 1]  # epoch 1 did train again
+    assert report["best_val_accuracy"] == 1.0
+    assert best.stat().st_mtime_ns == before
+    assert (tmp_path / "run" / "last.keras").stat().st_mtime_ns > before
+
+
+def test_a_checkpoint_save_cut_off_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    """A full disk (or a kill) mid-save: Keras writes a .keras zip in place; ours is
+    written beside it and renamed, so best.keras stays the last whole save."""
+    import errno
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    path = tmp_path / "best.keras"
+    checkpoint = T.AtomicCheckpoint(str(path))
+    checkpoint.set_model(model)
+    checkpoint.on_epoch_end(0, {"loss": 1.0})
+    saved = [w.numpy() for w in model.weights]
+    model.weights[0].assign(model.weights[0] + 1.0)
+
+    def cut_off(self, filepath, **kwargs):
+        with open(filepath, "wb") as f:
+            f.write(b"PK\x03\x04 the first bytes of a zip")
+        raise OSError(errno.ENOSPC, "No space left on device", filepath)
+
+    monkeypatch.setattr(keras.Sequential, "save", cut_off)
+    with pytest.raises(OSError, match="No space left on device"):
+        checkpoint.on_epoch_end(1, {"loss": 1.0})
+    assert os.listdir(tmp_path) == ["best.keras"]  # no temporary file left behind
+    loaded = keras.saving.load_model(path, compile=False)
+    for a, b in zip(loaded.weights, saved, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b)
+
+
+def test_with_no_validation_split_best_keras_is_the_last_epoch(folder, tmp_path):
+    out = tmp_path / "run"
+    T.train(T.smoke_config(data_dir=folder, output_dir=str(out), max_train_images=None,
+                           validation_size=0, epochs=3))
+    best = keras.saving.load_model(out / "best.keras", compile=False)
+    last = keras.saving.load_model(out / "last.keras", compile=False)
+    for a, b in zip(best.weights, last.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_with_no_validation_split_a_nan_epoch_is_not_kept(folder, tmp_path):
+    """Training accuracy of NaN logits is still a number; the loss is what tells."""
+    with pytest.raises(ValueError, match="NaN in epoch 0 before any checkpoint was saved"):
+        T.train(T.smoke_config(data_dir=folder, output_dir=str(tmp_path / "run"),
+                               max_train_images=None, validation_size=0, epochs=2, lr=1e12,
+                               optimizer="sgd", schedule="constant", clipnorm=0.0))
+
+
 def test_a_first_backup_cut_off_mid_write_starts_the_run_over(folder, finished, tmp_path,
                                                               capsys):
     config = finished_run(folder, finished, tmp_path / "run")
