@@ -7,7 +7,11 @@ distributed search write the same files of one folder (``search.json``), and a s
 
 import contextlib
 import os
+import re
 import secrets
+
+# What temp_path appends to a name: ".<pid>-<8 hex>.tmp", then the saver's suffix if any.
+TEMP_NAME = re.compile(r"\.\d+-[0-9a-f]{8}\.tmp(\.[A-Za-z0-9.]+)?$")
 
 
 def temp_path(path, suffix=""):
@@ -34,3 +38,13 @@ def write(path, data):
     """``data`` (str or bytes) into ``path``, atomically."""
     with replacing(path) as tmp, open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
         f.write(data)
+
+
+def remove_temp_files(folder):
+    """Delete the temporary files that writers killed before their rename left in
+    ``folder`` (call it holding the folder's lock, so no live writer owns them)."""
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if TEMP_NAME.search(name) and os.path.isfile(path):
+            with contextlib.suppress(OSError):
+                os.remove(path)

@@ -235,8 +235,7 @@ def remove_leftovers(output_dir):
         path = os.path.join(output_dir, name)
         if name.startswith(".export-") and os.path.isdir(path):
             shutil.rmtree(path, ignore_errors=True)
-        elif name.endswith(".tmp") and os.path.isfile(path):
-            os.remove(path)
+    atomic.remove_temp_files(output_dir)
 
 
 def _size(path):

@@ -935,7 +935,8 @@ def check_output_dir(out, name="output_dir"):
 
 
 def prepare_run_dir(config):
-    """Create / check the run directory; refuse a resume with another config."""
+    """Create / check the run directory; refuse a resume with another config; clear
+    what a killed run left half-written."""
     out = config.output_dir
     try:
         os.makedirs(out, exist_ok=True)
@@ -959,6 +960,7 @@ def prepare_run_dir(config):
             raise ValueError(f"output_dir: {out!r} holds an unfinished run with another "
                              f"config ({lines}); use a new --output-dir or the same flags")
     write_json(path, dataclasses.asdict(config))
+    atomic.remove_temp_files(out)  # a checkpoint save cut off by a kill
     return resuming
 
 
@@ -1332,10 +1334,18 @@ def _fit(config, strategy, resuming, splits, source):
         callbacks = [OffMesh(c) if isinstance(c, (keras.callbacks.BackupAndRestore,
                                                   keras.callbacks.ModelCheckpoint)) else c
                      for c in callbacks]
-    if splits.counts:  # count decoded images over this session's first epoch only
-        callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: [
-            c.active.assign(False) for c in splits.counts.values() if c is not
-            splits.counts.get("test")]))
+    # Decoded images are counted over this session's first epoch only; a resumed run
+    # with no epoch left to train has no count to report.
+    counted = {"first_pass": False}
+
+    def end_count(epoch, logs):
+        counted["first_pass"] = True
+        for name, count in splits.counts.items():
+            if name != "test":
+                count.active.assign(False)
+
+    if splits.counts:
+        callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=end_count))
     if config.early_stopping:  # validation metrics are global: every process stops alike
         callbacks.append(keras.callbacks.EarlyStopping(monitor, mode="max",
                                                        patience=config.early_stopping))
@@ -1351,7 +1361,7 @@ def _fit(config, strategy, resuming, splits, source):
                   validation_data=val_data, callbacks=callbacks,
                   verbose=config.verbose if chief else 0, shuffle=False)  # shuffled already
     return model, {"train_seconds": time.time() - start, "nan": nan,
-                   "global_batch": global_batch}
+                   "global_batch": global_batch, "counted": counted["first_pass"]}
 
 
 def _report(config, strategy, splits, model, fitted):
@@ -1397,7 +1407,8 @@ def _report(config, strategy, splits, model, fitted):
                                           tta_shift=config.tta_shift,
                                           batch_size=fitted["global_batch"]))
     if splits.counts:
-        skipped = {k: c.dropped() for k, c in splits.counts.items() if k != "test"}
+        skipped = ({k: c.dropped() for k, c in splits.counts.items() if k != "test"}
+                   if fitted["counted"] else {})
         if "num_images" in report:
             skipped["test"] = splits.num_test - report["num_images"]
         report["skipped_in_pipeline"] = skipped

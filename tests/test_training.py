@@ -690,11 +690,19 @@ def test_no_whole_backup_left_says_how_to_start_over(folder, finished, tmp_path)
 
 
 def test_a_missing_best_checkpoint_does_not_block_the_resume(folder, finished, tmp_path):
+    """Nor does the temporary file of a save that a kill cut off: the resume deletes it
+    (and nothing else)."""
     config = finished_run(folder, finished, tmp_path / "run")
     os.remove(tmp_path / "run" / "best.keras")
+    cut_off = tmp_path / "run" / "best.keras.4242-0123abcd.tmp.keras"
+    cut_off.write_bytes(b"PK\x03\x04")
+    (tmp_path / "run" / "notes.tmp").write_text("the user's")
     report = T.train(config)
     assert report["scored"] == "last.keras (best.keras is missing)"
     assert report["num_images"] == 16
+    assert not cut_off.exists() and (tmp_path / "run" / "notes.tmp").exists()
+    # No epoch was left to train, so no training or validation image was counted.
+    assert report["skipped_in_pipeline"] == {"test": 0}
 
 
 def test_nan_loss_is_reported_as_such(folder, tmp_path):
