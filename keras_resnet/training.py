@@ -986,7 +986,8 @@ def _trim_history(path, epochs_done):
     with open(path) as f:
         rows = list(csv.reader(f))
     keep = rows[:1] + [r for r in rows[1:] if r and int(r[0]) < epochs_done]
-    with open(path, "w", newline="") as f:
+    # Whole or not at all: the other processes of a multi-host run read it meanwhile.
+    with atomic.replacing(path) as tmp, open(tmp, "w", newline="") as f:
         csv.writer(f).writerows(keep)
 
 
@@ -1191,6 +1192,33 @@ class LastFiniteCheckpoint(AtomicCheckpoint):
             super().on_epoch_end(epoch, logs)
 
 
+def early_stopping_state(values, patience):
+    """(best, epochs since it, whether it stopped) after ``values`` (a max-monitored
+    metric per epoch), counted as Keras's EarlyStopping counts them."""
+    best, wait, stopped = None, 0, False
+    for epoch, value in enumerate(values):
+        wait += 1
+        if np.isfinite(value) and (best is None or value > best):
+            best, wait = value, 0
+        elif wait >= patience and epoch > 0:
+            stopped = True
+    return best, wait, stopped
+
+
+class ResumedEarlyStopping(keras.callbacks.EarlyStopping):
+    """EarlyStopping that goes on from the epochs a resumed run already has. Keras's
+    starts counting afresh at each ``fit``, so a run resumed after a crash trained up
+    to ``patience`` epochs more than one that was never stopped."""
+
+    def __init__(self, monitor, patience, previous):
+        super().__init__(monitor, mode="max", patience=patience)
+        self.previous = previous
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self.best, self.wait, _ = early_stopping_state(self.previous, self.patience)
+
+
 class OffMesh(keras.callbacks.Callback):
     """Runs a callback's hooks with no ``keras.distribution`` set (multi-host runs).
 
@@ -1283,6 +1311,11 @@ def _fit(config, strategy, resuming, splits, source):
         _trim_history(history_csv, _backup_epoch(backup))
     elif chief and os.path.exists(history_csv):  # a run that died before its first epoch
         os.remove(history_csv)
+    # The epochs before a resume, as the backup holds them (process 0 trims the rows
+    # beyond; every process reads the same ones), for early stopping to go on from.
+    done = _backup_epoch(backup) if resuming else 0
+    previous = (read_history(history_csv).get(monitor, [])[:done]
+                if done and os.path.exists(history_csv) else [])
     # Training wall-clock seconds over every session of the run, put into each epoch's
     # logs before the logger writes them: history.csv's "seconds" column (time to
     # accuracy, from any run).
@@ -1346,9 +1379,10 @@ def _fit(config, strategy, resuming, splits, source):
 
     if splits.counts:
         callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=end_count))
+    stopped_before = False
     if config.early_stopping:  # validation metrics are global: every process stops alike
-        callbacks.append(keras.callbacks.EarlyStopping(monitor, mode="max",
-                                                       patience=config.early_stopping))
+        callbacks.append(ResumedEarlyStopping(monitor, config.early_stopping, previous))
+        stopped_before = early_stopping_state(previous, config.early_stopping)[2]
     if chief:
         print(f"training {model.name} on {splits.num_train} images, {splits.num_validation} "
               f"for validation; {keras.backend.backend()}, {pipeline_of(config)} pipeline, "
@@ -1356,10 +1390,15 @@ def _fit(config, strategy, resuming, splits, source):
               f"peak lr {lr:g}, {keras.mixed_precision.global_policy().name}"
               f", XLA {'on' if jit else 'off'}")
     start = time.time()
-    with unknown_length_ok():
-        model.fit(train_data, steps_per_epoch=steps_per_epoch, epochs=config.epochs,
-                  validation_data=val_data, callbacks=callbacks,
-                  verbose=config.verbose if chief else 0, shuffle=False)  # shuffled already
+    if stopped_before:  # fit would train one more epoch before EarlyStopping looks
+        if chief:
+            print(f"early stopping: the run stopped after epoch {done} ({monitor} did not "
+                  f"improve for {config.early_stopping} epochs); nothing left to train")
+    else:
+        with unknown_length_ok():
+            model.fit(train_data, steps_per_epoch=steps_per_epoch, epochs=config.epochs,
+                      validation_data=val_data, callbacks=callbacks,
+                      verbose=config.verbose if chief else 0, shuffle=False)  # shuffled
     return model, {"train_seconds": time.time() - start, "nan": nan,
                    "global_batch": global_batch, "counted": counted["first_pass"]}
 

@@ -619,6 +619,33 @@ def test_a_resumed_run_keeps_the_best_checkpoint_from_before_the_crash(folder, f
     assert (tmp_path / "run" / "last.keras").stat().st_mtime_ns > before
 
 
+def test_early_stopping_goes_on_from_the_epochs_before_a_resume(folder, tmp_path, capsys):
+    """Keras's EarlyStopping counts afresh at each fit; a resumed run counts on."""
+    assert T.early_stopping_state([0.5, 0.7, 0.6, 0.6], 2) == (0.7, 2, True)
+    assert T.early_stopping_state([0.5, 0.7, 0.6, 0.8], 2) == (0.8, 0, False)
+    assert T.early_stopping_state([0.5, float("nan")], 1) == (0.5, 1, True)
+    config = smoke(folder, tmp_path / "run", epochs=3, early_stopping=1)
+    T.train(config)
+    # As a crash after epoch 2 leaves it, with epoch 1 the best and epoch 2 no better:
+    # patience 1 is spent, so the resume must not train epoch 3.
+    run = tmp_path / "run"
+    meta = run / "backup" / "training_metadata.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "epoch": 2}))
+    history = run / "history.csv"
+    with open(history) as f:
+        rows = list(csv.DictReader(f))[:2]
+    rows[0]["val_accuracy"], rows[1]["val_accuracy"] = "0.75", "0.5"
+    with open(history, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    capsys.readouterr()
+    report = T.train(config)
+    assert "early stopping: the run stopped after epoch 2" in capsys.readouterr().out
+    assert T.read_history(str(history))["epoch"] == [0, 1]
+    assert report["epochs"] == 2 and report["num_images"] == 16
+
+
 def test_a_checkpoint_save_cut_off_leaves_the_previous_one_whole(tmp_path, monkeypatch):
     """A full disk (or a kill) mid-save: Keras writes a .keras zip in place; ours is
     written beside it and renamed, so best.keras stays the last whole save."""
