@@ -1163,8 +1163,8 @@ class RestoreOnly(keras.callbacks.BackupAndRestore):
 class AtomicCheckpoint(keras.callbacks.ModelCheckpoint):
     """ModelCheckpoint that writes a temporary file beside the target, then renames it.
     Why: Keras writes the ``.keras`` zip in place, so a kill or a full disk during a
-    save left a cut-off ``best.keras`` that scoring, ``--weights`` and export then
-    failed to open; now the previous checkpoint stays whole until the new one is."""
+    save would leave a cut-off ``best.keras`` that scoring, ``--weights`` and export
+    could not open; this way the previous checkpoint stays whole until the new one is."""
 
     def _save_model(self, epoch, batch, logs):
         target = self.filepath
@@ -1336,10 +1336,8 @@ def _fit(config, strategy, resuming, splits, source):
     best_path = os.path.join(out, "best.keras")
     # A resumed run's best.keras must beat the epochs before the crash, not just the
     # first epoch after it: ModelCheckpoint starts from -inf unless told.
-    best_so_far = None
-    if resuming and chief and os.path.exists(best_path) and os.path.exists(history_csv):
-        seen = [v for v in read_history(history_csv).get(monitor, []) if np.isfinite(v)]
-        best_so_far = max(seen) if seen else None
+    seen = [v for v in previous if np.isfinite(v)]
+    best_so_far = max(seen) if seen and os.path.exists(best_path) else None
     best_checkpoint = (AtomicCheckpoint(
         best_path, monitor=monitor, mode="max", save_best_only=True,
         initial_value_threshold=best_so_far)
