@@ -1365,18 +1365,10 @@ def _fit(config, strategy, resuming, splits, source):
         callbacks = [OffMesh(c) if isinstance(c, (keras.callbacks.BackupAndRestore,
                                                   keras.callbacks.ModelCheckpoint)) else c
                      for c in callbacks]
-    # Decoded images are counted over this session's first epoch only; a resumed run
-    # with no epoch left to train has no count to report.
-    counted = {"first_pass": False}
-
-    def end_count(epoch, logs):
-        counted["first_pass"] = True
-        for name, count in splits.counts.items():
-            if name != "test":
-                count.active.assign(False)
-
-    if splits.counts:
-        callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=end_count))
+    if splits.counts:  # count decoded images over this session's first epoch only
+        callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: [
+            c.active.assign(False) for c in splits.counts.values() if c is not
+            splits.counts.get("test")]))
     stopped_before = False
     if config.early_stopping:  # validation metrics are global: every process stops alike
         callbacks.append(ResumedEarlyStopping(monitor, config.early_stopping, previous))
@@ -1398,7 +1390,7 @@ def _fit(config, strategy, resuming, splits, source):
                       validation_data=val_data, callbacks=callbacks,
                       verbose=config.verbose if chief else 0, shuffle=False)  # shuffled
     return model, {"train_seconds": time.time() - start, "nan": nan,
-                   "global_batch": global_batch, "counted": counted["first_pass"]}
+                   "global_batch": global_batch}
 
 
 def _report(config, strategy, splits, model, fitted):
@@ -1444,8 +1436,9 @@ def _report(config, strategy, splits, model, fitted):
                                           tta_shift=config.tta_shift,
                                           batch_size=fitted["global_batch"]))
     if splits.counts:
-        skipped = ({k: c.dropped() for k, c in splits.counts.items() if k != "test"}
-                   if fitted["counted"] else {})
+        # A split still counting had no epoch this session (a resume with none left).
+        skipped = {k: c.dropped() for k, c in splits.counts.items()
+                   if k != "test" and not c.active.numpy()}
         if "num_images" in report:
             skipped["test"] = splits.num_test - report["num_images"]
         report["skipped_in_pipeline"] = skipped
