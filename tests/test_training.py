@@ -596,6 +596,16 @@ def test_a_damaged_backup_resumes_from_the_one_before(folder, finished, tmp_path
     assert T.read_history(str(tmp_path / "run" / "history.csv"))["epoch"] == [0, 1]
 
 
+def rewrite_history(path, edit):
+    """Replace history.csv's rows with ``edit(rows)``: the history a crash left, staged."""
+    with open(path) as f:
+        rows = edit(list(csv.DictReader(f)))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def test_a_resumed_run_keeps_the_best_checkpoint_from_before_the_crash(folder, finished,
                                                                      tmp_path):
     """Epoch 0 (made perfect in history.csv) stays best.keras when epoch 1 trains again."""
@@ -603,13 +613,7 @@ def test_a_resumed_run_keeps_the_best_checkpoint_from_before_the_crash(folder, f
     latest = tmp_path / "run" / "backup" / "latest.weights.h5"
     latest.write_bytes(latest.read_bytes()[:1000])  # resumes after epoch 0
     history = tmp_path / "run" / "history.csv"
-    with open(history) as f:
-        rows = list(csv.DictReader(f))
-    rows[0]["val_accuracy"] = "1.0"
-    with open(history, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    rewrite_history(history, lambda rows: [{**rows[0], "val_accuracy": "1.0"}, *rows[1:]])
     best = tmp_path / "run" / "best.keras"
     before = best.stat().st_mtime_ns
     report = T.train(config)
@@ -632,13 +636,8 @@ def test_early_stopping_goes_on_from_the_epochs_before_a_resume(folder, tmp_path
     meta = run / "backup" / "training_metadata.json"
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "epoch": 2}))
     history = run / "history.csv"
-    with open(history) as f:
-        rows = list(csv.DictReader(f))[:2]
-    rows[0]["val_accuracy"], rows[1]["val_accuracy"] = "0.75", "0.5"
-    with open(history, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    rewrite_history(history, lambda rows: [{**rows[0], "val_accuracy": "0.75"},
+                                           {**rows[1], "val_accuracy": "0.5"}])
     capsys.readouterr()
     report = T.train(config)
     assert "early stopping: the run stopped after epoch 2" in capsys.readouterr().out
